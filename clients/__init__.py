@@ -1,0 +1,1 @@
+"""The platform side: the ClientApp that answers the bureau, and the ledger it reads."""

@@ -1,0 +1,5 @@
+import sys
+
+from fedcredit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,321 @@
+"""The ``fedcredit`` command line: the only place that prints (everything else logs).
+
+Subcommands validate their arguments at the boundary and exit with status 2 and a one-line
+message naming what is wrong; ``--json`` gives machines the same content as the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from fedcredit import __version__
+
+log = logging.getLogger("fedcredit")
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, highlight=False)
+
+
+class UsageError(Exception):
+    """Bad arguments or input: reported in one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------- datagen
+
+
+def cmd_datagen(args: argparse.Namespace) -> int:
+    from fedcredit.datagen.config import PopulationConfig
+    from fedcredit.datagen.generate import generate
+
+    try:
+        cfg = PopulationConfig(
+            platforms=args.platforms,
+            borrowers=args.borrowers,
+            seed=args.seed,
+            as_of=args.as_of,
+            default_rate=args.default_rate,
+            shock=args.shock,
+            fraud_ring=args.fraud_ring,
+        )
+    except ValidationError as exc:
+        raise UsageError(_pydantic_message(exc)) from None
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    with _progress(not args.json, total=cfg.platforms + 3, label="datagen") as step:
+        summary = generate(
+            cfg,
+            Path(args.out),
+            key_file=Path(args.key_file) if args.key_file else None,
+            ledger_template=args.ledger_template,
+            workers=args.workers,
+            progress=step,
+        )
+    if args.json:
+        print(json.dumps(summary.model_dump(), indent=2))
+        return 0
+    table = Table(title=f"fedcredit datagen: {summary.borrowers:,} borrowers, seed {summary.seed}")
+    for col in ("platform", "kind", "borrowers", "loans", "multi-platform", "default rate"):
+        table.add_column(
+            col, justify="left" if col in {"platform", "kind"} else "right", no_wrap=True
+        )
+    for p in summary.platforms:
+        table.add_row(
+            p.name,
+            p.kind,
+            f"{p.borrowers:,}",
+            f"{p.loans:,}",
+            f"{p.multi_platform_share:.1%}",
+            f"{p.default_rate:.2%}",
+        )
+    out.print(table)
+    for p in summary.platforms:
+        out.print(f"ledger {p.name}: {p.ledger}", soft_wrap=True)
+    shares = ", ".join(f"{k}: {v:.1%}" for k, v in summary.platform_count_shares.items())
+    out.print(f"persons on 1/2/3/4+ platforms: {shares}")
+    out.print(f"default rate {summary.default_rate:.2%}; Bayes-bound AUC {summary.bayes_auc:.4f}")
+    out.print(f"truth (evaluation only, never for platform nodes): {summary.truth}", soft_wrap=True)
+    out.print(f"federation key: {summary.key_file}", soft_wrap=True)
+    out.print(f"took {summary.seconds['total']:.1f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------- ledger
+
+
+def cmd_ledger_import(args: argparse.Namespace) -> int:
+    from clients.ledger.importer import ImportValidationError, import_file
+    from protocols.tokens import InvalidFederationKey, read_federation_key
+
+    try:
+        key = read_federation_key(Path(args.key_file)) if args.key_file else None
+    except InvalidFederationKey as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        report = import_file(
+            Path(args.source),
+            Path(args.mapping),
+            args.ledger,
+            key=key,
+            partition=args.partition,
+            platform=args.platform,
+            progress=not args.json,
+        )
+    except ImportValidationError as exc:
+        err.print(f"[red]import refused, nothing was written:[/red]\n{exc}", markup=True)
+        return 1
+    data = report.model_dump(mode="json") if hasattr(report, "model_dump") else vars(report)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        for key_, value in data.items():
+            out.print(f"{key_}: {value}")
+    return 0
+
+
+def cmd_ledger_info(args: argparse.Namespace) -> int:
+    from clients.ledger import schema
+    from clients.ledger.store import open_ledger
+
+    with open_ledger(args.ledger) as ledger:
+        meta = ledger.check_schema()
+        counts = {t.name: ledger.count(t) for t in schema.TABLES if t is not schema.ledger_meta}
+    data = {"ledger": args.ledger, "meta": meta, "rows": counts}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for k, v in meta.items():
+            out.print(f"{k}: {v}")
+        for k, v in counts.items():
+            out.print(f"{k}: {v:,} rows")
+    return 0
+
+
+def cmd_key_generate(args: argparse.Namespace) -> int:
+    from protocols.tokens import generate_federation_key, key_id, write_federation_key
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise UsageError(f"{path} exists; pass --force to replace it (re-keys every ledger)")
+    key = generate_federation_key()
+    write_federation_key(path, key)
+    out.print(f"wrote federation key {path} (key id {key_id(key)}); keep it secret")
+    return 0
+
+
+# ------------------------------------------------------------------------------ bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.borrowers is not None and args.borrowers < 100:
+        raise UsageError("--borrowers must be at least 100")
+    if not 2 <= args.platforms <= 50:
+        raise UsageError("--platforms must be between 2 and 50")
+    if args.name == "datagen":
+        from fedcredit.bench import datagen_speed
+
+        result = datagen_speed.run(
+            args.borrowers or 1_000_000, args.platforms, args.seed, args.workers
+        )
+    elif args.name == "datagen-quality":
+        from fedcredit.bench import datagen_quality
+
+        result = datagen_quality.run(args.borrowers or 100_000, args.platforms, args.seed)
+    else:  # argparse restricts choices; kept for safety
+        raise UsageError(f"unknown benchmark {args.name!r}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            out.print(f"{key}: {value}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ plumbing
+
+
+class _progress:
+    """A rich progress bar on stderr, shown only on a terminal (never in pipes or CI)."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled = enabled and err.is_terminal
+        self.total, self.label = total, label
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        if not self.enabled:
+            return lambda stage, n: log.info("%s", stage)
+        from rich.progress import Progress
+
+        self._bar = Progress(console=err, transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.label, total=self.total)
+
+        def step(stage: str, n: int) -> None:
+            self._bar.update(task, advance=n, description=f"{self.label}: {stage}")
+
+        return step
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._bar.stop()
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "value"
+        parts.append(f"--{where.replace('_', '-')}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date (YYYY-MM-DD): {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedcredit",
+        description="Federated credit models and encrypted cross-platform debt queries.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedcredit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dg = sub.add_parser("datagen", help="generate a synthetic multi-platform population")
+    dg.add_argument("--platforms", type=int, default=3, help="lending platforms (2-50)")
+    dg.add_argument("--borrowers", type=int, default=100_000, help="persons in the population")
+    dg.add_argument("--seed", type=int, default=0, help="the population is a function of it")
+    dg.add_argument("--out", default="fedcredit-data", help="output folder")
+    dg.add_argument("--as-of", type=_date, default=dt.date(2026, 6, 30), help="snapshot date")
+    dg.add_argument("--default-rate", type=float, default=0.03, help="person-level target")
+    dg.add_argument("--shock", type=float, default=0.0, help="macro shock strength (0-3)")
+    dg.add_argument("--fraud-ring", type=int, default=0, help="members of a bust-out ring")
+    dg.add_argument("--key-file", help="federation key to use (default: OUT/federation.key)")
+    dg.add_argument(
+        "--ledger-template",
+        help="SQLAlchemy URL with {platform}, e.g. sqlite:////data/{platform}.db "
+        "(default: OUT/platforms/NAME.sqlite)",
+    )
+    dg.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    dg.add_argument("--json", action="store_true", help="machine-readable summary")
+    dg.set_defaults(func=cmd_datagen)
+
+    ledger = sub.add_parser("ledger", help="a platform's ledger").add_subparsers(
+        dest="ledger_command", required=True
+    )
+    imp = ledger.add_parser("import", help="load CSV or Parquet through a column mapping")
+    imp.add_argument("source", help="CSV or Parquet file")
+    imp.add_argument(
+        "--mapping", required=True, help="TOML column mapping (docs/import-mapping.md)"
+    )
+    imp.add_argument("--ledger", required=True, help="ledger path or SQLAlchemy URL")
+    imp.add_argument("--key-file", help="federation key (needed unless the source holds tokens)")
+    imp.add_argument("--partition", help="which partition of a split source to load")
+    imp.add_argument("--platform", help="platform name recorded in the ledger")
+    imp.add_argument("--json", action="store_true")
+    imp.set_defaults(func=cmd_ledger_import)
+    info = ledger.add_parser("info", help="metadata and row counts of a ledger")
+    info.add_argument("ledger", help="ledger path or SQLAlchemy URL")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_ledger_info)
+
+    key = sub.add_parser("key", help="federation keys").add_subparsers(
+        dest="key_command", required=True
+    )
+    gen = key.add_parser("generate", help="write a new random federation key")
+    gen.add_argument("path")
+    gen.add_argument("--force", action="store_true")
+    gen.set_defaults(func=cmd_key_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks (figures and ratios vs a same-run baseline)")
+    bench.add_argument("name", choices=["datagen", "datagen-quality"])
+    bench.add_argument(
+        "--borrowers", type=int, help="default: 1,000,000 (datagen), 100,000 (datagen-quality)"
+    )
+    bench.add_argument("--platforms", type=int, default=3)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from clients.ledger.store import LedgerError
+    from protocols.tokens import InvalidFederationKey
+
+    try:
+        return int(args.func(args))
+    except (UsageError, LedgerError, InvalidFederationKey) as exc:
+        err.print(f"fedcredit: error: {exc}", markup=False)
+        return 2
+    except BrokenPipeError:  # output piped into head and the like
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        err.print("fedcredit: interrupted", markup=False)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The bureau side: the coordinator's ServerApp (federated training, encrypted queries)."""

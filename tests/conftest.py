@@ -1,0 +1,36 @@
+"""Shared fixtures: where the real data lives, and a fresh federation key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from protocols.tokens import generate_federation_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the checkout (CI clones with shared/ beside it).
+
+    FEDCREDIT_SHARED_DATA overrides it for checkouts kept elsewhere.
+    """
+    override = os.environ.get("FEDCREDIT_SHARED_DATA")
+    return Path(override) if override else REPO.parent / "shared" / "data"
+
+
+UCI_CSV = shared_data_dir() / "uci_credit_card.csv"
+
+
+@pytest.fixture
+def uci_csv() -> Path:
+    if not UCI_CSV.exists():
+        pytest.fail(f"the shared UCI data set is missing: {UCI_CSV} (set FEDCREDIT_SHARED_DATA)")
+    return UCI_CSV
+
+
+@pytest.fixture
+def federation_key() -> bytes:
+    return generate_federation_key()
