@@ -111,7 +111,7 @@ def cmd_ledger_import(args: argparse.Namespace) -> int:
             progress=not args.json,
         )
     except ImportValidationError as exc:
-        err.print(f"[red]import refused, nothing was written:[/red]\n{exc}", markup=True)
+        err.print(f"[red]import refused, nothing was written:[/red]\n{exc}", soft_wrap=True)
         return 1
     data = report.model_dump(mode="json") if hasattr(report, "model_dump") else vars(report)
     if args.json:

@@ -66,21 +66,7 @@ _TOKEN = re.compile(r"[0-9a-fA-F]{64}")
 _LOOKS_NUMERIC = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 _BORROWER_COLUMNS = ("token", *(info.column for info in BORROWER_FIELDS.values()))
-_LOAN_COLUMNS = (
-    "loan_id",
-    "token",
-    "product",
-    "open_date",
-    "credit_limit_fen",
-    "principal_fen",
-    "balance_fen",
-    "term_months",
-    "annual_rate",
-    "monthly_repayment_fen",
-    "days_past_due",
-    "max_dpd_12m",
-    "repayment_status",
-)
+_LOAN_COLUMNS = schema.LOAN_COLUMNS
 _LOAN_FIELD_ORDER = (
     "product",
     "open_date",
@@ -94,7 +80,7 @@ _LOAN_FIELD_ORDER = (
     "max_dpd_12m",
     "repayment_status",
 )
-_HISTORY_COLUMNS = ("loan_id", "month", "status", "amount_due_fen", "amount_paid_fen")
+_HISTORY_COLUMNS = schema.HISTORY_COLUMNS
 _FEATURE_COLUMNS = ("token", "name", "value")
 
 __all__ = [

@@ -117,4 +117,9 @@ repayment_history = Table(
     sqlite_with_rowid=False,
 )
 
+#: Column orders for positional bulk writes (the tables' own order, defined once above).
+BORROWER_COLUMNS = tuple(borrowers.columns.keys())
+LOAN_COLUMNS = tuple(loans.columns.keys())
+HISTORY_COLUMNS = tuple(repayment_history.columns.keys())
+
 TABLES = (ledger_meta, borrowers, borrower_features, loans, repayment_history)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from clients.ledger import schema
-from clients.ledger.store import bulk_insert, open_ledger
+from clients.ledger.store import bulk_insert, open_ledger, prepare_bulk_load
 from fedcredit.bench.resources import peak_rss_mb
 from fedcredit.datagen.config import PopulationConfig
 from fedcredit.datagen.generate import generate
@@ -28,42 +28,18 @@ def sqlite_floor(path: Path, borrowers: int, loans: int, history: int) -> float:
     with open_ledger(path, create=True) as ledger:
         ledger.create_schema(platform="floor")
         with ledger.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA journal_mode=OFF")
-            conn.exec_driver_sql("PRAGMA synchronous=OFF")
-            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
-            conn.commit()
+            prepare_bulk_load(conn)
             with conn.begin():
                 bulk_insert(
                     conn,
                     schema.borrowers,
-                    [
-                        "token",
-                        "age",
-                        "city_tier",
-                        "income_proxy_fen",
-                        "applications_3m",
-                        "defaulted",
-                    ],
+                    schema.BORROWER_COLUMNS,
                     ((f"{i:064x}", 30, 2, 600_000, 1, 0) for i in range(borrowers)),
                 )
                 bulk_insert(
                     conn,
                     schema.loans,
-                    [
-                        "loan_id",
-                        "token",
-                        "product",
-                        "open_date",
-                        "credit_limit_fen",
-                        "principal_fen",
-                        "balance_fen",
-                        "term_months",
-                        "annual_rate",
-                        "monthly_repayment_fen",
-                        "days_past_due",
-                        "max_dpd_12m",
-                        "repayment_status",
-                    ],
+                    schema.LOAN_COLUMNS,
                     (
                         (
                             f"platform-01-L{i:09d}",
@@ -86,7 +62,7 @@ def sqlite_floor(path: Path, borrowers: int, loans: int, history: int) -> float:
                 bulk_insert(
                     conn,
                     schema.repayment_history,
-                    ["loan_id", "month", "status", "amount_due_fen", "amount_paid_fen"],
+                    schema.HISTORY_COLUMNS,
                     (
                         (
                             f"platform-01-L{i // 12:09d}",

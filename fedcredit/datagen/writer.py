@@ -23,7 +23,7 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 
 from clients.ledger import schema
-from clients.ledger.store import bulk_insert, ledger_url, open_ledger
+from clients.ledger.store import bulk_insert, ledger_url, open_ledger, prepare_bulk_load
 from fedcredit.datagen.population import HISTORY_MONTHS, World, open_dates
 
 
@@ -158,47 +158,19 @@ def _write(world: World, j: int, target: str, tokens: np.ndarray, key_id: str) -
             source=f"fedcredit datagen seed={cfg.seed}",
         )
         with ledger.engine.connect() as conn:
-            if conn.dialect.name == "sqlite":
-                conn.exec_driver_sql("PRAGMA journal_mode=OFF")  # temp file: renamed when complete
-                conn.exec_driver_sql("PRAGMA synchronous=OFF")
-                # Rows are consistent by construction (tests run foreign_key_check on the
-                # result); per-row foreign-key lookups would halve the write speed.
-                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
-                conn.exec_driver_sql("PRAGMA cache_size=-262144")  # 256 MiB of page cache
-                conn.commit()
+            prepare_bulk_load(conn)
             with conn.begin():
                 schema.loans_token_index.drop(conn)
                 b = bulk_insert(
                     conn,
                     schema.borrowers,
-                    [
-                        "token",
-                        "age",
-                        "city_tier",
-                        "income_proxy_fen",
-                        "applications_3m",
-                        "defaulted",
-                    ],
+                    schema.BORROWER_COLUMNS,
                     borrower_rows,
                 )
                 n_loans = bulk_insert(
                     conn,
                     schema.loans,
-                    [
-                        "loan_id",
-                        "token",
-                        "product",
-                        "open_date",
-                        "credit_limit_fen",
-                        "principal_fen",
-                        "balance_fen",
-                        "term_months",
-                        "annual_rate",
-                        "monthly_repayment_fen",
-                        "days_past_due",
-                        "max_dpd_12m",
-                        "repayment_status",
-                    ],
+                    schema.LOAN_COLUMNS,
                     loan_rows,
                 )
                 h = expand_history(conn, history_months(world))
