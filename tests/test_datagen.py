@@ -298,3 +298,37 @@ def test_cli_readable_table_and_errors(tmp_path):
     assert info.returncode == 0 and json.loads(info.stdout)["meta"]["platform"] == "platform-01"
     missing = run_cli("ledger", "info", str(tmp_path / "nope.sqlite"))
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_no_national_id_is_written_anywhere(small_run):
+    """IDs are drawn in memory and hashed: outside the hex tokens, no output holds a run of
+    17+ digits (an ID's body); dates, months and loan ids hold at most 9."""
+    import re
+
+    digits = re.compile(r"\d{17,}")
+    hex_token = re.compile(r"[0-9a-f]{64}")
+    _, summary = small_run
+    for p in summary.platforms:
+        con = sqlite3.connect(p.ledger)
+        for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'"):
+            columns = [row[1] for row in con.execute(f"PRAGMA table_info({table})")]
+            for row in con.execute(f"SELECT * FROM {table}"):
+                for column, value in zip(columns, row, strict=True):
+                    if not isinstance(value, str):
+                        continue
+                    if column == "token":
+                        assert hex_token.fullmatch(value)
+                    else:
+                        assert not digits.search(value), f"{p.name}.{table}.{column}: {value}"
+    truth = pq.read_table(summary.truth)
+    assert all(hex_token.fullmatch(t) for t in truth.column("token").to_pylist())
+    summary_json = json.loads((Path(summary.truth).parents[1] / "summary.json").read_text())
+
+    def strings(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [s for v in node.values() for s in strings(v)]
+        if isinstance(node, list):
+            return [s for v in node for s in strings(v)]
+        return [node] if isinstance(node, str) else []
+
+    assert not [s for s in strings(summary_json) if digits.search(s)]
