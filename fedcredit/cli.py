@@ -113,7 +113,7 @@ def cmd_ledger_import(args: argparse.Namespace) -> int:
     except ImportValidationError as exc:
         err.print(f"[red]import refused, nothing was written:[/red]\n{exc}", soft_wrap=True)
         return 1
-    data = report.model_dump(mode="json") if hasattr(report, "model_dump") else vars(report)
+    data = report.model_dump(mode="json")
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     else:
