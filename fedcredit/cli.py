@@ -35,7 +35,7 @@ class UsageError(Exception):
 
 def cmd_datagen(args: argparse.Namespace) -> int:
     from fedcredit.datagen.config import PopulationConfig
-    from fedcredit.datagen.generate import generate
+    from fedcredit.datagen.generate import DatagenError, generate
 
     try:
         cfg = PopulationConfig(
@@ -52,14 +52,17 @@ def cmd_datagen(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     with _progress(not args.json, total=cfg.platforms + 3, label="datagen") as step:
-        summary = generate(
-            cfg,
-            Path(args.out),
-            key_file=Path(args.key_file) if args.key_file else None,
-            ledger_template=args.ledger_template,
-            workers=args.workers,
-            progress=step,
-        )
+        try:
+            summary = generate(
+                cfg,
+                Path(args.out),
+                key_file=Path(args.key_file) if args.key_file else None,
+                ledger_template=args.ledger_template,
+                workers=args.workers,
+                progress=step,
+            )
+        except DatagenError as exc:
+            raise UsageError(str(exc)) from None
     if args.json:
         print(json.dumps(summary.model_dump(), indent=2))
         return 0
@@ -306,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (UsageError, LedgerError, InvalidFederationKey) as exc:
-        err.print(f"fedcredit: error: {exc}", markup=False)
+        err.print(f"fedcredit: error: {exc}", markup=False, soft_wrap=True)
         return 2
     except BrokenPipeError:  # output piped into head and the like
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -296,6 +296,11 @@ def test_cli_readable_table_and_errors(tmp_path):
         "ledger", "info", str(tmp_path / "o" / "platforms" / "platform-01.sqlite"), "--json"
     )
     assert info.returncode == 0 and json.loads(info.stdout)["meta"]["platform"] == "platform-01"
+    (tmp_path / "a-file").write_text("")
+    bad = run_cli("datagen", "--borrowers", "1000", "--out", str(tmp_path / "a-file"))
+    assert bad.returncode == 2 and "--out" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("datagen", "--out", str(tmp_path / "y"), "--ledger-template", "sqlite:///x.db")
+    assert bad.returncode == 2 and "{platform}" in bad.stderr
     missing = run_cli("ledger", "info", str(tmp_path / "nope.sqlite"))
     assert missing.returncode == 2 and "not found" in missing.stderr
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from fedcredit.datagen.bayes import expected_auc, sample_auc
 from fedcredit.datagen.config import PopulationConfig
 from fedcredit.datagen.identities import national_ids, tokens_for_ids
+from fedcredit.datagen.platforms import make_platforms
 from fedcredit.datagen.population import World, generate_world
 from fedcredit.datagen.writer import LedgerCounts, write_platform_ledger, write_truth
 from protocols.tokens import (
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 TRUTH_FILE = Path("evaluation") / "truth.parquet"
 KEY_FILE = "federation.key"
 SUMMARY_FILE = "summary.json"
+
+
+class DatagenError(ValueError):
+    """Bad output settings (folder, ledger template), found before any work is done."""
 
 
 class PlatformSummary(BaseModel):
@@ -85,7 +90,7 @@ def ledger_targets(out: Path, names: list[str], template: str | None) -> list[st
     if template is None:
         return [str(out / "platforms" / f"{name}.sqlite") for name in names]
     if "{platform}" not in template:
-        raise ValueError("--ledger-template must contain '{platform}'")
+        raise DatagenError(f"--ledger-template must contain '{{platform}}': {template!r}")
     return [template.replace("{platform}", name) for name in names]
 
 
@@ -103,7 +108,14 @@ def generate(
     step = progress or (lambda _stage, _n: None)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatagenError(
+            f"--out {out}: cannot create the output folder ({exc.strerror})"
+        ) from None
+    names = [p.name for p in make_platforms(cfg.platforms)]
+    targets = ledger_targets(out, names, ledger_template)  # checked before any work
 
     key_path = key_file or out / KEY_FILE
     if key_path.exists():
@@ -124,8 +136,6 @@ def generate(
     step("tokens computed", 1)
 
     t1 = time.perf_counter()
-    names = [p.name for p in world.platforms]
-    targets = ledger_targets(out, names, ledger_template)
     _WORLD, _TOKENS = world, tokens
     try:
         jobs = [(j, targets[j], kid) for j in range(len(names))]
