@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedcredit datagen --platforms 3 --borrowers 100000 --seed 7 --out demo-output
+	$(BIN)/fedcredit demo --out demo-output
 
 test: $(STAMP)
 	$(BIN)/ruff check .

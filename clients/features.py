@@ -150,3 +150,44 @@ def local_features(ledger: Ledger) -> LocalFeatures:
         names.append(f"x_{name}")
     X = np.column_stack([cols[c] for c in names]) if n else np.zeros((0, len(names)))
     return LocalFeatures(tokens, names, X, y)
+
+
+CROSS_PLATFORM_FEATURES = (
+    "log_total_debt",
+    "total_active_loans",
+    "lenders",
+    "log_other_platforms_debt",
+    "other_lenders",
+    "log_total_debt_to_income",
+)
+
+
+def with_cross_platform(local: LocalFeatures, totals: np.ndarray) -> LocalFeatures:
+    """Local features plus the cross-platform figures delivered by the encrypted query.
+
+    ``totals`` is (borrowers, 3) in ``local.tokens`` order: total outstanding debt in fen
+    across every platform, total active loans, number of platforms with an active loan. The
+    "other platforms" columns subtract this platform's own share, which it knows anyway; the
+    debt-to-income ratio uses the platform's own income estimate (annualised), the standard
+    underwriting ratio that no single platform could compute before.
+    """
+    totals = np.asarray(totals, dtype=np.float64)
+    if totals.shape != (len(local.tokens), 3):
+        raise ValueError(
+            f"cross-platform totals have shape {totals.shape}, expected ({len(local.tokens)}, 3)"
+        )
+    col = {name: local.X[:, i] for i, name in enumerate(local.names)}
+    debt_yuan = totals[:, 0] / 100
+    own_debt_yuan = np.expm1(col["log_balance"])
+    own_active = (col["active_loans"] > 0).astype(float)
+    monthly_income = np.expm1(col["log_income_proxy"])
+    extra = {
+        "log_total_debt": np.log1p(debt_yuan),
+        "total_active_loans": totals[:, 1],
+        "lenders": totals[:, 2],
+        "log_other_platforms_debt": np.log1p(np.maximum(debt_yuan - own_debt_yuan, 0.0)),
+        "other_lenders": np.maximum(totals[:, 2] - own_active, 0.0),
+        "log_total_debt_to_income": np.log1p(debt_yuan / np.maximum(12 * monthly_income, 1.0)),
+    }
+    X = np.column_stack([local.X, *(extra[name] for name in CROSS_PLATFORM_FEATURES)])
+    return LocalFeatures(local.tokens, [*local.names, *CROSS_PLATFORM_FEATURES], X, local.y)

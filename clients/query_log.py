@@ -1,0 +1,116 @@
+"""The platform's own record of every query it answered or refused: hash-chained, append-only.
+
+Each entry's hash covers the previous entry's hash and the entry itself, so deleting or editing
+an entry breaks every hash after it (``verify`` finds the first broken link). The log lives in
+the platform's ledger database (table ``query_log``), beside the data it accounts for; it holds
+what was asked (a digest of the tokens, never the tokens) and what was answered (a digest of
+the reply), so an auditor can match it against the bureau's records without seeing anyone's
+figures.
+
+Query ids make replay detectable: a ``query.debt_profile`` whose id this platform has already
+answered is refused and the refusal logged; the bureau must issue a fresh id per batch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+
+from sqlalchemy import Column, Integer, MetaData, String, Table, Text, select
+
+from clients.ledger.store import open_ledger
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+_metadata = MetaData()
+query_log = Table(
+    "query_log",
+    _metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("query_id", String(64), nullable=False, index=True),
+    Column("kind", String(64), nullable=False),
+    Column("outcome", String(16), nullable=False, comment="answered | refused"),
+    Column("detail", Text, nullable=False),
+    Column("received_at", String(32), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("entry_hash", String(64), nullable=False),
+)
+
+_lock = threading.Lock()
+
+
+class ReplayedQuery(ValueError):
+    """A query id this platform has already answered."""
+
+
+def _entry_hash(prev_hash: str, entry: dict[str, object]) -> str:
+    body = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(prev_hash.encode() + body).hexdigest()
+
+
+class QueryLog:
+    """Append-only, hash-chained query log in a ledger database."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self._ledger = open_ledger(location)
+        _metadata.create_all(self._ledger.engine)
+
+    def close(self) -> None:
+        self._ledger.close()
+
+    def answered(self, query_id: str) -> bool:
+        with self._ledger.engine.connect() as conn:
+            row = conn.execute(
+                select(query_log.c.seq).where(
+                    (query_log.c.query_id == query_id) & (query_log.c.outcome == "answered")
+                )
+            ).first()
+        return row is not None
+
+    def append(self, query_id: str, kind: str, outcome: str, detail: dict[str, object]) -> str:
+        """Add one entry (one transaction); returns its hash."""
+        with _lock, self._ledger.transaction() as conn:
+            last = conn.execute(
+                select(query_log.c.seq, query_log.c.entry_hash).order_by(query_log.c.seq.desc())
+            ).first()
+            seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+            entry = {
+                "seq": seq,
+                "query_id": query_id,
+                "kind": kind,
+                "outcome": outcome,
+                "detail": json.dumps(detail, sort_keys=True),
+                "received_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+            digest = _entry_hash(prev, entry)
+            conn.execute(query_log.insert().values(**entry, prev_hash=prev, entry_hash=digest))
+        return digest
+
+    def verify(self) -> int:
+        """Number of entries; raises ValueError at the first broken link."""
+        prev = GENESIS
+        count = 0
+        with self._ledger.engine.connect() as conn:
+            rows = conn.execute(select(query_log).order_by(query_log.c.seq)).mappings()
+            for row in rows:
+                entry = {
+                    k: row[k]
+                    for k in ("seq", "query_id", "kind", "outcome", "detail", "received_at")
+                }
+                if row["prev_hash"] != prev or _entry_hash(prev, entry) != row["entry_hash"]:
+                    raise ValueError(f"{self.location}: query log broken at entry {row['seq']}")
+                prev = row["entry_hash"]
+                count += 1
+        return count
+
+    def entries(self) -> list[dict[str, object]]:
+        with self._ledger.engine.connect() as conn:
+            return [
+                dict(r)
+                for r in conn.execute(select(query_log).order_by(query_log.c.seq)).mappings()
+            ]

@@ -1,0 +1,332 @@
+"""``fedcredit demo``: data, federation on Flower's simulation engine, yardsticks, report.
+
+Stages (each timed in ``report.json``'s ``seconds``):
+
+1. ``datagen``: a synthetic population (skipped with ``--ledgers``, which uses existing
+   ledgers, for example imported real data);
+2. ``federation``: the bureau's ServerApp and one ClientApp per ledger on Flower's simulation
+   engine (Ray): federated training, the encrypted debt query, the cross-platform model;
+3. ``baselines``: the centralised yardstick (pooled raw data, demo only) and each platform's
+   local-only model, on the same held-out borrowers;
+4. ``checks``: every decrypted total against the generator's truth file;
+5. ``report``: ``report.json``, ``report.md`` and PNG plots.
+
+What needs a truth file (the Bayes bound, the total checks) is reported as unavailable for
+``--ledgers`` runs rather than invented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from clients.platform_data import PlatformData, load_platform_data
+from fedcredit.datagen.bayes import expected_auc
+from fedcredit.demo import baselines
+from protocols.metrics import ScoreHistogram
+from protocols.model import MODEL_KINDS, TrainConfig
+from protocols.split import in_test_set
+from protocols.tokens import write_federation_key
+from server.federation import load_histograms
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[str, int, int, str], None]
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+class DemoOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    platforms: int = Field(default=3, ge=2, le=50)
+    borrowers: int = Field(default=100_000, ge=1_000)
+    rounds: int = Field(default=20, ge=1, le=500)
+    seed: int = Field(default=7, ge=0)
+    out: Path = Path("demo-output")
+    ledgers: list[str] | None = None
+    model: str = "mlp,lr"
+    key_bits: int = 2048
+    test_share: float = Field(default=0.3, gt=0, lt=1)
+    query_batch: int = Field(default=3000, ge=1)
+    learning_rate: float = 0.05
+    batch_size: int = 256
+
+    @field_validator("model")
+    @classmethod
+    def _models(cls, value: str) -> str:
+        kinds = [k.strip() for k in value.split(",") if k.strip()]
+        if not kinds or any(k not in MODEL_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+            raise ValueError(f"a comma list of {', '.join(MODEL_KINDS)}, got {value!r}")
+        return ",".join(kinds)
+
+
+def demo_federation_key(seed: int) -> bytes:
+    """Deterministic key for synthetic demo data (never for real identities)."""
+    return hashlib.sha256(f"fedcredit demo federation key, seed {seed}".encode()).digest()
+
+
+class _DropDeprecationNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _run_simulation(opts: DemoOptions, ledgers: list[str], fed_out: Path) -> dict[str, Any]:
+    """The same ServerApp and ClientApp as deployment, on Flower's simulation engine."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation
+
+    # ``run_simulation`` is Flower's Python entry point to the simulation engine in 1.41; it
+    # warns that ``flwr run`` is preferred, which the demo cannot use (it needs the ledgers
+    # of this process's datagen and its progress display). The warning says nothing new.
+    logging.getLogger("flwr").addFilter(_DropDeprecationNotice())
+
+    from clients.app import build_client_app
+    from server.app import build_server_app
+
+    overrides = {
+        "out-dir": str(fed_out),
+        "num-rounds": opts.rounds,
+        "model": opts.model,
+        "min-nodes": len(ledgers),
+        "key-bits": opts.key_bits,
+        "seed": opts.seed,
+        "test-share": opts.test_share,
+        "query-batch": opts.query_batch,
+        "learning-rate": opts.learning_rate,
+        "batch-size": opts.batch_size,
+    }
+    cpus = os.cpu_count() or 1
+    run_simulation(
+        server_app=build_server_app(overrides),
+        client_app=build_client_app(ledgers),
+        num_supernodes=len(ledgers),
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False},
+        },
+    )
+    summary_path = fed_out / "federation.json"
+    if not summary_path.exists():
+        raise DemoError(f"the federation wrote no summary ({summary_path})")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "ok":
+        raise DemoError(f"the federation failed: {summary.get('error', 'unknown error')}")
+    return summary
+
+
+def _check_totals(totals_path: Path, truth_path: Path) -> dict[str, Any]:
+    """Every decrypted total against the generator's truth file."""
+    got = pq.read_table(totals_path).to_pydict()
+    truth = pq.read_table(
+        truth_path, columns=["token", "total_debt_fen", "active_loans", "lenders"]
+    ).to_pydict()
+    index = {t: i for i, t in enumerate(truth["token"])}
+    mismatches = 0
+    for i, token in enumerate(got["token"]):
+        j = index.get(token)
+        if j is None or any(got[c][i] != truth[c][j] for c in truth if c != "token"):
+            mismatches += 1
+    return {
+        "all_totals_match": mismatches == 0 and len(got["token"]) > 0,
+        "mismatches": mismatches,
+        "checked": len(got["token"]),
+    }
+
+
+def _bayes_on_test_rows(platforms: list[PlatformData], truth_path: Path, share: float) -> float:
+    truth = pq.read_table(truth_path, columns=["token", "true_pd"]).to_pydict()
+    pd_of = dict(zip(truth["token"], truth["true_pd"], strict=True))
+    values = []
+    for data in platforms:
+        mask = in_test_set(data.features.tokens, share) & data.labelled
+        values += [pd_of[t] for t, keep in zip(data.features.tokens, mask, strict=True) if keep]
+    return round(expected_auc(np.asarray(values)), 4)
+
+
+def _metrics(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {k: entry[k] for k in ("auc", "ks", "n")} if entry else None
+
+
+def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]:
+    """The whole pipeline; returns the report dict and the files written."""
+    from fedcredit.demo.report import write_report
+
+    t_all = time.perf_counter()
+    seconds: dict[str, float] = {}
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    unavailable: dict[str, str] = {}
+    truth_path: Path | None = None
+    summary_meta: dict[str, Any] = {}
+
+    t = time.perf_counter()
+    if opts.ledgers:
+        ledgers = list(opts.ledgers)
+        source = "ledgers"
+        unavailable["bayes_auc"] = "real ledgers carry no true default probabilities"
+        unavailable["all_totals_match"] = "no truth file to check the decrypted totals against"
+    else:
+        from fedcredit.datagen.config import PopulationConfig
+        from fedcredit.datagen.generate import generate
+
+        step("generating data", 0, 0, f"{opts.borrowers:,} borrowers, {opts.platforms} platforms")
+        data_dir = out / "data"
+        if data_dir.exists():
+            import shutil
+
+            shutil.rmtree(data_dir)
+        # A federation key derived from the seed, for synthetic demo data only: the tokens, and
+        # so the held-out split, are then the same on every run of the same command, which
+        # makes the figures reproducible. Real deployments use `fedcredit key generate`.
+        data_dir.mkdir(parents=True)
+        key_file = data_dir / "federation.key"
+        write_federation_key(key_file, demo_federation_key(opts.seed))
+        result = generate(
+            PopulationConfig(platforms=opts.platforms, borrowers=opts.borrowers, seed=opts.seed),
+            data_dir,
+            key_file=key_file,
+        )
+        ledgers = [str(p.ledger) for p in result.platforms]
+        truth_path = Path(result.truth)
+        summary_meta = {"bayes_auc": result.bayes_auc}
+        source = "synthetic"
+    seconds["datagen"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    step("federation", 0, 0, "starting Flower's simulation engine")
+    fed_out = out / "federation"
+    fed = _run_simulation(opts, ledgers, fed_out)
+    seconds["federation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    platforms = [load_platform_data(loc) for loc in ledgers]
+    kinds = opts.model.split(",")
+    primary = kinds[0]
+    features = fed["features"]["local"]
+    has_cross = "cross" in fed["features"]
+    cfg = TrainConfig(learning_rate=opts.learning_rate, batch_size=opts.batch_size, seed=opts.seed)
+    by_model: dict[str, dict[str, Any]] = {}
+    central_hist: ScoreHistogram | None = None
+    for i, kind in enumerate(kinds):
+        step("baselines", i, len(kinds) + 1, f"centralized {kind}")
+        entry: dict[str, Any] = {
+            "federated": _metrics(fed["models"][kind].get("local")),
+            "federated_cross_platform": _metrics(fed["models"][kind].get("cross")),
+        }
+        local_fit = baselines.centralized(
+            platforms, kind, features, False, opts.test_share, opts.rounds, cfg
+        )
+        entry["centralized_local_features"] = local_fit.metrics
+        central = local_fit
+        if has_cross:
+            central = baselines.centralized(
+                platforms, kind, features, True, opts.test_share, opts.rounds, cfg
+            )
+        entry["centralized"] = central.metrics
+        by_model[kind] = entry
+        if kind == primary:
+            central_hist = central.histogram
+    step("baselines", len(kinds), len(kinds) + 1, "local-only models")
+    local_only: dict[str, Any] = {}
+    histograms: dict[str, ScoreHistogram] = {}
+    for data in platforms:
+        fit = baselines.local_only(data, primary, opts.test_share, opts.rounds, cfg)
+        local_only[data.platform] = fit.metrics
+        histograms[f"local_only:{data.platform}"] = fit.histogram
+    seconds["baselines"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    queries: dict[str, Any] = dict(fed.get("queries") or {})
+    bayes: float | None = None
+    bayes_rows: float | None = None
+    if truth_path is not None:
+        step("checks", 0, 0, "decrypted totals against the truth file")
+        queries.update(_check_totals(fed_out / "query-totals.parquet", truth_path))
+        bayes = round(float(summary_meta["bayes_auc"]), 4)
+        bayes_rows = _bayes_on_test_rows(platforms, truth_path, opts.test_share)
+    else:
+        queries.update(all_totals_match=None, mismatches=None)
+    seconds["checks"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    fed_hists = load_histograms(fed_out / "evaluation-histograms.npz")
+    for key, feature_set in (("federated", "local"), ("federated_cross_platform", "cross")):
+        parts = fed_hists.get(f"{primary}-{feature_set}", {})
+        if parts:
+            histograms[key] = sum(parts.values(), ScoreHistogram.empty())
+    if central_hist is not None:
+        histograms["centralized"] = central_hist
+    models = fed["models"][primary]
+    per_platform = {
+        data.platform: {
+            "local_only": local_only[data.platform],
+            "federated": models.get("local", {}).get("per_platform", {}).get(data.platform),
+            "federated_cross_platform": models.get("cross", {})
+            .get("per_platform", {})
+            .get(data.platform),
+        }
+        for data in platforms
+    }
+    details = fed.get("platform_details", [])
+    fed_m, cross_m = _metrics(models.get("local")), _metrics(models.get("cross"))
+    report: dict[str, Any] = {
+        "data": {
+            "source": source,
+            "platforms": [d.platform for d in platforms],
+            "borrowers": opts.borrowers if source == "synthetic" else None,
+            "seed": opts.seed if source == "synthetic" else None,
+            "test_share": opts.test_share,
+            "train_rows": sum(d["train_rows"] for d in details),
+            "test_rows": sum(d["test_rows"] for d in details),
+        },
+        # The Bayes bound on the same held-out rows the models are scored on: the ceiling no
+        # model can beat there. The generator's population figure weighs each person once,
+        # while the rows weigh a person once per platform (multi-platform borrowers are
+        # riskier), so it is lower and not comparable; it is kept for reference.
+        "bayes_auc": bayes_rows,
+        "bayes_auc_population": bayes,
+        "primary_model": primary,
+        "centralized": by_model[primary]["centralized"],
+        "centralized_local_features": by_model[primary]["centralized_local_features"],
+        "federated": fed_m,
+        "federated_cross_platform": cross_m,
+        "lift": {
+            "auc": round(cross_m["auc"] - fed_m["auc"], 4),
+            "gini": round(2 * (cross_m["auc"] - fed_m["auc"]), 4),
+        }
+        if fed_m and cross_m
+        else None,
+        "local_only": local_only,
+        "per_platform": per_platform,
+        "by_model": by_model,
+        "training": {
+            "federated": models.get("local", {}).get("history", []),
+            "federated_cross_platform": models.get("cross", {}).get("history", []),
+        },
+        "queries": queries,
+        "unavailable": unavailable,
+        "settings": {**opts.model_dump(mode="json"), "federation": fed.get("settings")},
+    }
+    if not has_cross:
+        unavailable["federated_cross_platform"] = fed.get("cross_skipped", "not run")
+    seconds["report"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_all
+    report["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    step("report", 0, 0, "writing report.json, report.md and plots")
+    written = write_report(report, histograms, out)
+    return report, written

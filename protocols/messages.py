@@ -1,0 +1,279 @@
+"""Every message the bureau and a platform exchange: names, payloads, limits.
+
+Each payload is a frozen pydantic model carried in one Flower ``ConfigRecord`` (key
+``payload``), so a malformed or hostile message is rejected by validation with a message that
+names the field, before any handler touches the ledger or the key. Large binary fields
+(tokens, ciphertexts, totals) are raw bytes: Flower ConfigRecord integers are 64-bit, and
+a 4096-bit ciphertext is not; bytes also keep the wire size exact and independent of values.
+
+Message types (Flower routes ``train``, ``evaluate`` and ``query.<name>``):
+
+=========================  ==================================================================
+``query.describe``         platform name, federation key id, row counts, feature names and a
+                           fingerprint of the data (no rows, no tokens)
+``query.feature_stats``    count and per-feature sums of x and x² over the training rows
+``train``                  FedAvg local step (model weights in an ``ArrayRecord``)
+``evaluate``               held-out score histograms (sums; AUC and KS are read off the sum)
+``query.applicants``       the platform's own borrower tokens, to be profiled
+``query.debt_profile``     Paillier ciphertexts of packed (debt, active loans, has-active)
+                           slots for a batch of tokens, zero for tokens it does not hold
+``query.totals``           the decrypted totals for the platform's own borrowers
+=========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, ClassVar, Literal, Self
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TOKEN_BYTES = 32
+MAX_TOKENS_PER_BATCH = 50_000
+MAX_TOKENS_PER_DELIVERY = 5_000_000
+MAX_FEATURES = 512
+PAYLOAD_KEY = "payload"
+SERVER_ROUND = "server-round"
+PROFILE_FIELDS = 3  # total debt (fen), active loans, platforms with an active loan
+DEBT_PROFILE_LAYOUT_ID = "debt-profile/v1"
+QUERY_ID = re.compile(r"^[0-9a-f]{32}$")
+
+FeatureName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class ProtocolError(ValueError):
+    """A message that this side refuses to act on (malformed, hostile, replayed)."""
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_content(self) -> RecordDict:
+        record = ConfigRecord({PAYLOAD_KEY: self.model_dump_json().encode()})
+        for name, blob in self._binary().items():
+            record[name] = blob
+        return RecordDict({PAYLOAD_KEY: record})
+
+    def _binary(self) -> dict[str, bytes]:
+        return {}
+
+    @classmethod
+    def from_content(cls, content: RecordDict, what: str) -> Self:
+        """Parse and validate; every failure becomes a ProtocolError naming the message."""
+        try:
+            record = content.config_records[PAYLOAD_KEY]
+            raw = record[PAYLOAD_KEY]
+        except KeyError as exc:
+            raise ProtocolError(f"{what}: no {PAYLOAD_KEY!r} record in the message") from exc
+        if not isinstance(raw, bytes):
+            raise ProtocolError(f"{what}: payload is {type(raw).__name__}, expected bytes")
+        # Flower's strategies inject "server-round" into the config record they send.
+        binary = {k: v for k, v in record.items() if k not in (PAYLOAD_KEY, SERVER_ROUND)}
+        try:
+            parsed = cls._parse(raw, binary)
+            server_round = record.get(SERVER_ROUND)
+            if isinstance(server_round, int) and "server_round" in cls.model_fields:
+                parsed = cls.model_validate({**parsed.model_dump(), "server_round": server_round})
+            return parsed
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ProtocolError(f"{what}: {problems}") from exc
+
+    @classmethod
+    def _parse(cls, raw: bytes, binary: dict[str, object]) -> Self:
+        if binary:
+            raise ProtocolError(f"unexpected binary fields {sorted(binary)}")
+        return cls.model_validate_json(raw)
+
+
+class BinaryPayload(Payload):
+    """A payload with raw byte fields carried beside the JSON (never inside it)."""
+
+    BINARY_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def _binary(self) -> dict[str, bytes]:
+        return {name: getattr(self, name) for name in self.BINARY_FIELDS}
+
+    def model_dump_json(self, **kwargs: object) -> str:  # type: ignore[override]
+        return super().model_dump_json(exclude=set(self.BINARY_FIELDS), **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def _parse(cls, raw: bytes, binary: dict[str, object]) -> Self:
+        import json
+
+        try:
+            fields = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ProtocolError(f"payload is not JSON: {exc}") from exc
+        if not isinstance(fields, dict):
+            raise ProtocolError("payload is not a JSON object")
+        for name in cls.BINARY_FIELDS:
+            value = binary.get(name)
+            if not isinstance(value, bytes):
+                raise ProtocolError(f"binary field {name!r} missing or not bytes")
+            fields[name] = value
+        extra = set(binary) - set(cls.BINARY_FIELDS)
+        if extra:
+            raise ProtocolError(f"unexpected binary fields {sorted(extra)}")
+        return cls.model_validate(fields)
+
+
+# -- encodings ------------------------------------------------------------------------------
+
+
+def tokens_to_bytes(tokens: list[str]) -> bytes:
+    return b"".join(bytes.fromhex(t) for t in tokens)
+
+
+def tokens_from_bytes(blob: bytes) -> list[str]:
+    if len(blob) % TOKEN_BYTES:
+        raise ProtocolError(f"token block of {len(blob)} bytes is not a multiple of {TOKEN_BYTES}")
+    return [blob[i : i + TOKEN_BYTES].hex() for i in range(0, len(blob), TOKEN_BYTES)]
+
+
+def ints_to_bytes(values: np.ndarray) -> bytes:
+    return np.ascontiguousarray(values, dtype="<i8").tobytes()
+
+
+def ints_from_bytes(blob: bytes, rows: int, cols: int) -> np.ndarray:
+    if len(blob) != rows * cols * 8:
+        raise ProtocolError(f"integer block of {len(blob)} bytes, expected {rows * cols * 8}")
+    return np.frombuffer(blob, dtype="<i8").reshape(rows, cols).astype(np.int64)
+
+
+# -- payloads -------------------------------------------------------------------------------
+
+
+class DescribeRequest(Payload):
+    test_share: float = Field(gt=0.0, lt=1.0)
+
+
+class PlatformDescription(Payload):
+    platform: str
+    key_id: str
+    borrowers: int = Field(ge=0)
+    labelled: int = Field(ge=0)
+    train_rows: int = Field(ge=0)
+    test_rows: int = Field(ge=0)
+    features: list[FeatureName] = Field(max_length=MAX_FEATURES)
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _FeatureSpec(Payload):
+    feature_set: Literal["local", "cross"]
+    features: list[FeatureName] = Field(min_length=1, max_length=MAX_FEATURES)
+    test_share: float = Field(gt=0.0, lt=1.0)
+
+
+class FeatureStatsRequest(_FeatureSpec):
+    pass
+
+
+class FeatureStats(Payload):
+    n: int = Field(ge=0)
+    sums: list[float]
+    sumsq: list[float]
+
+    @model_validator(mode="after")
+    def _finite(self) -> Self:
+        if len(self.sums) != len(self.sumsq):
+            raise ValueError("sums and sumsq differ in length")
+        if not all(math.isfinite(v) for v in (*self.sums, *self.sumsq)):
+            raise ValueError("non-finite feature sums")
+        return self
+
+
+class ModelInstructions(_FeatureSpec):
+    """What a train or evaluate message asks for (the weights travel in an ArrayRecord)."""
+
+    model: Literal["lr", "mlp"]
+    mean: list[float]
+    std: list[float]
+    epochs: int = Field(default=1, ge=1, le=100)
+    learning_rate: float = Field(default=0.05, gt=0.0, le=1.0)
+    batch_size: int = Field(default=256, ge=1, le=65_536)
+    seed: int = Field(default=0, ge=0)
+    server_round: int = Field(default=0, ge=0)
+    total_rounds: int = Field(default=1, ge=1, le=10_000)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if not len(self.features) == len(self.mean) == len(self.std):
+            raise ValueError("features, mean and std differ in length")
+        if not all(math.isfinite(v) for v in self.mean) or not all(
+            math.isfinite(s) and s > 0 for s in self.std
+        ):
+            raise ValueError("scaler must be finite with positive standard deviations")
+        return self
+
+
+class ApplicantsRequest(Payload):
+    pass
+
+
+class Applicants(BinaryPayload):
+    BINARY_FIELDS = ("tokens",)
+    tokens: bytes
+
+    @model_validator(mode="after")
+    def _whole_tokens(self) -> Self:
+        if len(self.tokens) % TOKEN_BYTES:
+            raise ValueError(f"token block is not a multiple of {TOKEN_BYTES} bytes")
+        if len(self.tokens) > MAX_TOKENS_PER_DELIVERY * TOKEN_BYTES:
+            raise ValueError("too many tokens")
+        return self
+
+
+class DebtProfileRequest(BinaryPayload):
+    """One batch of the encrypted debt-profile query."""
+
+    BINARY_FIELDS = ("public_key", "tokens")
+    query_id: str = Field(pattern=QUERY_ID.pattern)
+    layout: Literal["debt-profile/v1"] = DEBT_PROFILE_LAYOUT_ID
+    public_key: bytes = Field(min_length=64, max_length=1024)
+    tokens: bytes = Field(min_length=TOKEN_BYTES, max_length=MAX_TOKENS_PER_BATCH * TOKEN_BYTES)
+
+    @model_validator(mode="after")
+    def _whole_tokens(self) -> Self:
+        if len(self.tokens) % TOKEN_BYTES:
+            raise ValueError(f"token block is not a multiple of {TOKEN_BYTES} bytes")
+        return self
+
+    @property
+    def token_count(self) -> int:
+        return len(self.tokens) // TOKEN_BYTES
+
+
+class DebtProfileReply(BinaryPayload):
+    BINARY_FIELDS = ("ciphertexts",)
+    query_id: str = Field(pattern=QUERY_ID.pattern)
+    count: int = Field(ge=1)
+    ciphertexts: bytes
+
+
+class TotalsDelivery(BinaryPayload):
+    """Decrypted totals for the receiving platform's own borrowers (and nobody else's)."""
+
+    BINARY_FIELDS = ("tokens", "totals")
+    tokens: bytes
+    totals: bytes
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if len(self.tokens) % TOKEN_BYTES:
+            raise ValueError(f"token block is not a multiple of {TOKEN_BYTES} bytes")
+        n = len(self.tokens) // TOKEN_BYTES
+        if len(self.totals) != n * PROFILE_FIELDS * 8:
+            raise ValueError(f"totals block has {len(self.totals)} bytes for {n} tokens")
+        return self
+
+
+class Ack(Payload):
+    stored: int = Field(ge=0)

@@ -1,0 +1,103 @@
+"""What the bureau keeps from a run: models with their metadata, totals, the run summary.
+
+Every file is written to a temporary name and renamed into place, so a crashed run never
+leaves a half-written model or summary behind for someone to load.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flwr
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from protocols.model import build_model, state_fingerprint
+from server.training import TrainedModel
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        return _clean(value.item())
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    text = json.dumps(_clean(data), indent=2)
+    return _atomic(path, lambda p: p.write_text(text + "\n"))
+
+
+def model_name(trained: TrainedModel) -> str:
+    return f"model-{trained.kind}-{trained.feature_set}"
+
+
+def save_model(
+    out_dir: Path, trained: TrainedModel, platforms: list[dict[str, Any]], metrics: dict[str, Any]
+) -> dict[str, str]:
+    """``model-<kind>-<features>.pt`` (a torch state dict) and its ``.json`` metadata."""
+    model = build_model(trained.kind, len(trained.features))
+    model.load_state_dict(trained.arrays.to_torch_state_dict())
+    name = model_name(trained)
+    weights = _atomic(out_dir / f"{name}.pt", lambda p: torch.save(model.state_dict(), p))
+    meta = {
+        "format": "fedcredit-model/v1",
+        "model": trained.kind,
+        "feature_set": trained.feature_set,
+        "features": trained.features,
+        "scaler": trained.scaler.to_dict(),
+        "rounds": trained.rounds,
+        "weights_file": weights.name,
+        "weights_sha256": state_fingerprint(model),
+        "platforms": [
+            {"platform": p["platform"], "fingerprint": p["fingerprint"], "rows": p["train_rows"]}
+            for p in platforms
+        ],
+        "held_out": metrics,
+        "history": trained.history,
+        "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "flwr_version": flwr.__version__,
+        "torch_version": torch.__version__,
+        "output": "log-odds of default; probability = sigmoid(output)",
+    }
+    meta_path = write_json(out_dir / f"{name}.json", meta)
+    return {"weights": str(weights), "metadata": str(meta_path)}
+
+
+def write_totals(path: Path, tokens: list[str], totals: np.ndarray) -> Path:
+    table = pa.table(
+        {
+            "token": pa.array(tokens, pa.string()),
+            "total_debt_fen": pa.array(totals[:, 0], pa.int64()),
+            "active_loans": pa.array(totals[:, 1], pa.int64()),
+            "lenders": pa.array(totals[:, 2], pa.int64()),
+        }
+    )
+    return _atomic(path, lambda p: pq.write_table(table, p))

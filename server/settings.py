@@ -1,0 +1,83 @@
+"""The bureau's run configuration, validated in one place.
+
+Flower hands the ServerApp a flat run config (``[tool.flwr.app.config]`` in pyproject.toml,
+overridden by ``flwr run --run-config``); this model names every key, its default and its
+bounds, so a typo or an out-of-range value stops the run before any message is sent, with the
+key named. pyproject.toml must declare the same keys (Flower ignores overrides of undeclared
+keys); a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from protocols.model import MODEL_KINDS
+
+STAGES = ("train", "query", "cross")
+
+
+class SettingsError(ValueError):
+    pass
+
+
+class FederationSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    out_dir: str = Field(default="fedcredit-run", alias="out-dir", min_length=1)
+    stages: str = Field(default="train,query,cross")
+    model: str = Field(default="mlp", description="lr, mlp or a comma list; the first is primary")
+    num_rounds: int = Field(default=20, alias="num-rounds", ge=1, le=1000)
+    local_epochs: int = Field(default=1, alias="local-epochs", ge=1, le=100)
+    learning_rate: float = Field(default=0.05, alias="learning-rate", gt=0, le=1)
+    lr_schedule: Literal["constant", "cosine"] = Field(default="cosine", alias="lr-schedule")
+    batch_size: int = Field(default=256, alias="batch-size", ge=1, le=65536)
+    test_share: float = Field(default=0.3, alias="test-share", gt=0, lt=1)
+    key_bits: Literal[2048, 3072] = Field(default=2048, alias="key-bits")
+    query_batch: int = Field(default=3000, alias="query-batch", ge=1, le=50_000)
+    query_limit: int = Field(default=0, alias="query-limit", ge=0)
+    min_nodes: int = Field(default=2, alias="min-nodes", ge=1, le=64)
+    node_wait: float = Field(default=120.0, alias="node-wait", gt=0)
+    timeout: float = Field(default=1800.0, gt=0)
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, value: str) -> str:
+        names = [s.strip() for s in value.split(",") if s.strip()]
+        unknown = [s for s in names if s not in STAGES]
+        if unknown or not names:
+            raise ValueError(f"unknown stages {unknown}: choose from {', '.join(STAGES)}")
+        if "cross" in names and "query" not in names:
+            raise ValueError("the cross stage needs the query stage (it trains on its totals)")
+        return ",".join(names)
+
+    @field_validator("model")
+    @classmethod
+    def _models(cls, value: str) -> str:
+        names = [s.strip() for s in value.split(",") if s.strip()]
+        if not names or any(n not in MODEL_KINDS for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"model must be a comma list of {', '.join(MODEL_KINDS)}")
+        return ",".join(names)
+
+    @property
+    def stage_list(self) -> list[str]:
+        return self.stages.split(",")
+
+    @property
+    def models(self) -> list[str]:
+        return self.model.split(",")
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, object]) -> FederationSettings:
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"run config {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise SettingsError(problems) from None
+
+    def as_run_config(self) -> dict[str, object]:
+        return self.model_dump(by_alias=True)

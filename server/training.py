@@ -1,0 +1,226 @@
+"""Federated training on the bureau's side: shared scaling, FedAvg rounds, held-out metrics.
+
+FedAvg is Flower's own strategy (``flwr.serverapp.strategy.FedAvg``), made strict: a round in
+which any platform failed stops training with that platform's reason, rather than silently
+averaging the others (a credit model missing a platform is a different model). Evaluation
+replies are score histograms; they are summed, and AUC and KS read off the sum (see
+``protocols.metrics``), never averaged across platforms.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from protocols import messages as m
+from protocols.metrics import BINS, ScoreHistogram
+from protocols.model import build_model
+from protocols.scaling import FeatureSums, Scaler, combine
+from server import progress
+from server.settings import FederationSettings
+
+log = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """A platform failed or refused; the message names it and its reason."""
+
+
+def ask_all(
+    grid: Grid, nodes: Sequence[int], message_type: str, content: RecordDict, timeout: float
+) -> dict[int, RecordDict]:
+    """Send one message to every node; every node must answer without error."""
+    messages = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    missing = [n for n in nodes if n not in replies]
+    if missing:
+        raise FederationError(f"{message_type}: no reply within {timeout:.0f} s from {missing}")
+    failed = [(n, r.error.reason) for n, r in replies.items() if r.has_error()]
+    if failed:
+        raise FederationError(
+            f"{message_type}: " + "; ".join(f"node {n}: {reason}" for n, reason in failed)
+        )
+    return {n: replies[n].content for n in nodes}
+
+
+def federated_scaler(
+    grid: Grid,
+    nodes: Sequence[int],
+    feature_set: str,
+    features: list[str],
+    settings: FederationSettings,
+) -> Scaler:
+    request = m.FeatureStatsRequest(
+        feature_set=feature_set, features=features, test_share=settings.test_share
+    )
+    replies = ask_all(grid, nodes, "query.feature_stats", request.to_content(), settings.timeout)
+    parts = []
+    for node, content in replies.items():
+        stats = m.FeatureStats.from_content(content, f"feature_stats reply from {node}")
+        if len(stats.sums) != len(features):
+            raise FederationError(f"node {node} sent sums for {len(stats.sums)} features")
+        parts.append(FeatureSums(stats.n, np.asarray(stats.sums), np.asarray(stats.sumsq)))
+    return combine(parts)
+
+
+def histogram_of(record: MetricRecord) -> ScoreHistogram:
+    pos = np.asarray(record["hist-pos"], dtype=np.int64)
+    neg = np.asarray(record["hist-neg"], dtype=np.int64)
+    if pos.shape != (BINS,) or neg.shape != (BINS,) or (pos < 0).any() or (neg < 0).any():
+        raise FederationError("an evaluation reply carried a malformed score histogram")
+    return ScoreHistogram(pos, neg)
+
+
+def sum_histograms(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Flower metric aggregation: add the histograms, then read AUC and KS off the sum."""
+    total = ScoreHistogram.empty()
+    loss, n = 0.0, 0
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        total = total + histogram_of(metrics)
+        count = int(metrics[weight_key])  # type: ignore[arg-type]
+        loss += float(metrics["loss"]) * count  # type: ignore[arg-type]
+        n += count
+    return MetricRecord(
+        {"auc": total.auc(), "ks": total.ks(), "loss": loss / max(n, 1), "n": total.count}
+    )
+
+
+class StrictFedAvg(FedAvg):
+    """FedAvg that stops on the first failed platform instead of averaging the rest."""
+
+    def _check_and_log_replies(
+        self, replies: Iterable[Message], is_train: bool, validate: bool = True
+    ) -> tuple[list[Message], list[Message]]:
+        replies = list(replies)
+        failed = [r for r in replies if r.has_error()]
+        if failed:
+            reasons = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed)
+            raise FederationError(f"{'train' if is_train else 'evaluate'} round failed: {reasons}")
+        return super()._check_and_log_replies(replies, is_train, validate)
+
+
+@dataclass
+class TrainedModel:
+    kind: str
+    feature_set: str
+    features: list[str]
+    scaler: Scaler
+    arrays: ArrayRecord
+    rounds: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    per_node: dict[int, ScoreHistogram] = field(default_factory=dict)
+
+    @property
+    def histogram(self) -> ScoreHistogram:
+        total = ScoreHistogram.empty()
+        for hist in self.per_node.values():
+            total = total + hist
+        return total
+
+    def instructions(self, settings: FederationSettings) -> m.ModelInstructions:
+        return instructions(self.kind, self.feature_set, self.features, self.scaler, settings)
+
+
+def instructions(
+    kind: str,
+    feature_set: str,
+    features: list[str],
+    scaler: Scaler,
+    settings: FederationSettings,
+) -> m.ModelInstructions:
+    return m.ModelInstructions(
+        model=kind,  # type: ignore[arg-type]
+        feature_set=feature_set,  # type: ignore[arg-type]
+        features=features,
+        test_share=settings.test_share,
+        mean=scaler.mean.tolist(),
+        std=scaler.std.tolist(),
+        epochs=settings.local_epochs,
+        learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        total_rounds=settings.num_rounds,
+        lr_schedule=settings.lr_schedule,  # type: ignore[arg-type]
+    )
+
+
+def train_federated(
+    grid: Grid,
+    nodes: Sequence[int],
+    kind: str,
+    feature_set: str,
+    features: list[str],
+    settings: FederationSettings,
+) -> TrainedModel:
+    """Federated scaling, then ``num-rounds`` of FedAvg, then a per-platform evaluation."""
+    label = f"train {kind} ({feature_set} features)"
+    progress.report(label, 0, settings.num_rounds, "scaling")
+    scaler = federated_scaler(grid, nodes, feature_set, features, settings)
+    model = build_model(kind, len(features), seed=settings.seed)
+    payload = instructions(kind, feature_set, features, scaler, settings).to_content()
+    config = payload.config_records[m.PAYLOAD_KEY]
+    strategy = StrictFedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=len(nodes),
+        min_evaluate_nodes=len(nodes),
+        min_available_nodes=len(nodes),
+        configrecord_key=m.PAYLOAD_KEY,
+        evaluate_metrics_aggr_fn=sum_histograms,
+    )
+    history: list[dict[str, float]] = []
+
+    # Flower's strategy loop logs each round; the rounds' held-out metrics come back in the
+    # result, and progress is reported per round through the evaluation aggregation hook.
+    def on_round(records: list[RecordDict], weight_key: str) -> MetricRecord:
+        metrics = sum_histograms(records, weight_key)
+        history.append(
+            {
+                "round": len(history) + 1,
+                "auc": round(float(metrics["auc"]), 4),  # type: ignore[arg-type]
+                "ks": round(float(metrics["ks"]), 4),  # type: ignore[arg-type]
+                "loss": round(float(metrics["loss"]), 5),  # type: ignore[arg-type]
+            }
+        )
+        progress.report(label, len(history), settings.num_rounds, f"AUC {metrics['auc']:.4f}")
+        return metrics
+
+    strategy.evaluate_metrics_aggr_fn = on_round
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=settings.num_rounds,
+        timeout=settings.timeout,
+        train_config=ConfigRecord(dict(config)),
+        evaluate_config=ConfigRecord(dict(config)),
+    )
+    trained = TrainedModel(
+        kind=kind,
+        feature_set=feature_set,
+        features=features,
+        scaler=scaler,
+        arrays=result.arrays,
+        rounds=settings.num_rounds,
+        history=history,
+    )
+    trained.per_node = evaluate_per_node(grid, nodes, trained, settings)
+    return trained
+
+
+def evaluate_per_node(
+    grid: Grid, nodes: Sequence[int], trained: TrainedModel, settings: FederationSettings
+) -> dict[int, ScoreHistogram]:
+    content = trained.instructions(settings).to_content()
+    content.array_records["arrays"] = trained.arrays
+    replies = ask_all(grid, nodes, "evaluate", content, settings.timeout)
+    return {
+        node: histogram_of(next(iter(reply.metric_records.values())))
+        for node, reply in replies.items()
+    }
