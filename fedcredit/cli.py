@@ -187,10 +187,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(_pydantic_message(exc)) from None
     if args.key_bits not in (2048, 3072):
         raise UsageError("--key-bits must be 2048 or 3072")
-    if not args.verbose:
-        # Flower logs every round at INFO (and DEBUG to its own handler); the progress
-        # display and the report carry the same facts. --verbose brings them back.
-        logging.getLogger("flwr").setLevel(logging.WARNING)
     with _stage_progress(not args.json) as step:
         try:
             report, written = run_demo(opts, step)

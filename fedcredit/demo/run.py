@@ -94,6 +94,10 @@ def _run_simulation(opts: DemoOptions, ledgers: list[str], fed_out: Path) -> dic
     # warns that ``flwr run`` is preferred, which the demo cannot use (it needs the ledgers
     # of this process's datagen and its progress display). The warning says nothing new.
     logging.getLogger("flwr").addFilter(_DropDeprecationNotice())
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        # Flower logs every round at INFO (and DEBUG to its own handler); the progress
+        # display and the report carry the same facts. `fedcredit -v` brings them back.
+        logging.getLogger("flwr").setLevel(logging.WARNING)
 
     from clients.app import build_client_app
     from server.app import build_server_app
