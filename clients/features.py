@@ -20,6 +20,7 @@ from sqlalchemy import case, func, select
 
 from clients.ledger import schema
 from clients.ledger.store import Ledger
+from protocols.features import CROSS_PLATFORM_FEATURES
 
 BASE_FEATURES = (
     "log_balance",
@@ -150,16 +151,6 @@ def local_features(ledger: Ledger) -> LocalFeatures:
         names.append(f"x_{name}")
     X = np.column_stack([cols[c] for c in names]) if n else np.zeros((0, len(names)))
     return LocalFeatures(tokens, names, X, y)
-
-
-CROSS_PLATFORM_FEATURES = (
-    "log_total_debt",
-    "total_active_loans",
-    "lenders",
-    "log_other_platforms_debt",
-    "other_lenders",
-    "log_total_debt_to_income",
-)
 
 
 def with_cross_platform(local: LocalFeatures, totals: np.ndarray) -> LocalFeatures:

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from flwr.serverapp import Grid
 
-from clients.features import CROSS_PLATFORM_FEATURES
 from protocols import messages as m
+from protocols.features import CROSS_PLATFORM_FEATURES
 from protocols.metrics import ScoreHistogram
 from server import progress
 from server.artifacts import save_model, write_json, write_totals

@@ -361,3 +361,23 @@ def test_limited_query_skips_cross_model(tmp_path: Path, ledgers: list[str], tru
         for i, tok in enumerate(totals["token"])
     )
     assert np.all(np.asarray(totals["lenders"]) <= 3)
+
+
+def test_bureau_code_never_imports_platform_code() -> None:
+    """The ServerApp cannot open a ledger: nothing in server/ or protocols/ imports clients/."""
+    import ast
+
+    from tests.conftest import REPO
+
+    for folder in ("server", "protocols"):
+        for path in (REPO / folder).glob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                assert not any(n == "clients" or n.startswith("clients.") for n in names), (
+                    f"{path.relative_to(REPO)} imports {names}"
+                )

@@ -75,11 +75,43 @@ def test_demo_on_simulation_engine(tmp_path: Path) -> None:
     assert "[ROUND" not in proc.stderr
 
 
+def test_demo_on_existing_ledgers_reports_unavailable_not_invented(tmp_path: Path) -> None:
+    """--ledgers: no truth file, so no Bayes bound and no total check; everything else runs."""
+    from fedcredit.datagen.config import PopulationConfig
+    from fedcredit.datagen.generate import generate
+
+    data = generate(PopulationConfig(platforms=2, borrowers=3000, seed=4), tmp_path / "data")
+    (tmp_path / "data" / "evaluation" / "truth.parquet").unlink()  # as with real ledgers
+    ledgers = ",".join(str(p.ledger) for p in data.platforms)
+    out = tmp_path / "demo"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [sys.executable, "-m", "fedcredit", "demo", "--ledgers", ledgers]
+    proc = subprocess.run(
+        [*command, "--rounds", "2", "--model", "lr", "--out", str(out), "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["bayes_auc"] is None
+    assert report["queries"]["all_totals_match"] is None
+    assert {"bayes_auc", "all_totals_match"} <= set(report["unavailable"])
+    assert report["data"]["source"] == "ledgers"
+    assert set(report["local_only"]) == {"platform-01", "platform-02"}
+    assert report["queries"]["count"] > 0
+    assert "unavailable" in (out / "report.md").read_text()
+
+
 def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
     cases = [
         (["--borrowers", "10"], "--borrowers"),
         (["--ledgers", str(tmp_path / "missing.sqlite") + ",x"], "no such ledger"),
         (["--ledgers", "only-one"], "at least two"),
+        (["--ledgers", f"{REPO / 'README.md'},{REPO / 'Makefile'}"], "not a fedcredit ledger"),
         (["--key-bits", "1024"], "--key-bits"),
         (["--model", "svm"], "model"),
     ]

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clients.features import CROSS_PLATFORM_FEATURES, with_cross_platform
+from clients.features import with_cross_platform
 from clients.platform_data import PlatformData
+from protocols.features import CROSS_PLATFORM_FEATURES
 from protocols.metrics import ScoreHistogram, exact_auc_ks
 from protocols.model import TrainConfig, build_model, predict_proba, scheduled_lr, train_local
 from protocols.scaling import FeatureSums, combine

@@ -106,7 +106,7 @@ def render_markdown(
     r = report
     out = ["# fedcredit demo report", "", _data_line(r), ""]
     out += ["## Headline", "", *(f"- {s}" for s in _headline(r, histograms)), ""]
-    out += ["## Models (held-out borrowers)", "", *_models_table(r, histograms), ""]
+    out += ["## Models (held-out rows: borrower x platform)", "", *_models_table(r, histograms), ""]
     for name, alt in (("roc.png", "ROC curves"), ("scores.png", "score distributions")):
         out += [f"![{alt}]({name})", ""] if name in pngs else []
     out += _section("Per platform", _per_platform_table(r))
@@ -165,7 +165,7 @@ def _headline(r: Mapping[str, Any], histograms: Mapping[str, ScoreHistogram]) ->
     lines = [
         f"**{plots.name_of(best)}{f' ({family})' if family else ''}: AUC {_f4(auc)}, "
         f"Gini {_f4(_gini(auc))}, KS {_f4(ks)}** on {_n(_sub(r, best).get('n'))} held-out "
-        f"borrowers: {_ks_verdict(ks)}."
+        f"rows (a borrower's row at each platform that holds them): {_ks_verdict(ks)}."
     ]
     if best == FED:
         lines.append(f"No cross-platform model in this run: {_reason(r, FCP, 'not run')}.")

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from clients.ledger.store import LedgerError, open_ledger
 from clients.platform_data import PlatformData, load_platform_data
 from fedcredit.datagen.bayes import expected_auc
 from fedcredit.demo import baselines
@@ -115,16 +116,23 @@ def _run_simulation(opts: DemoOptions, ledgers: list[str], fed_out: Path) -> dic
         "batch-size": opts.batch_size,
     }
     cpus = os.cpu_count() or 1
-    run_simulation(
-        server_app=build_server_app(overrides),
-        client_app=build_client_app(ledgers),
-        num_supernodes=len(ledgers),
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False},
-        },
-    )
     summary_path = fed_out / "federation.json"
+    summary_path.unlink(missing_ok=True)
+    try:
+        run_simulation(
+            server_app=build_server_app(overrides),
+            client_app=build_client_app(ledgers),
+            num_supernodes=len(ledgers),
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False},
+            },
+        )
+    except Exception as exc:
+        reason = f"{exc.__class__.__name__}: {exc}"
+        if summary_path.exists():
+            reason = json.loads(summary_path.read_text()).get("error", reason)
+        raise DemoError(f"the federation failed: {reason}") from exc
     if not summary_path.exists():
         raise DemoError(f"the federation wrote no summary ({summary_path})")
     summary = json.loads(summary_path.read_text())
@@ -181,6 +189,12 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
     t = time.perf_counter()
     if opts.ledgers:
         ledgers = list(opts.ledgers)
+        for location in ledgers:  # a clear error now, not a failed node inside Ray later
+            try:
+                with open_ledger(location) as ledger:
+                    ledger.check_schema()
+            except LedgerError as exc:
+                raise DemoError(f"--ledgers: {exc}") from None
         source = "ledgers"
         unavailable["bayes_auc"] = "real ledgers carry no true default probabilities"
         unavailable["all_totals_match"] = "no truth file to check the decrypted totals against"
