@@ -164,6 +164,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
                 union = sorted(rng.choice(union, settings.query_limit, replace=False).tolist())
             progress.report("key holder", 0, 0, f"generating a {settings.key_bits}-bit key pair")
             keyholder = KeyHolder(settings.key_bits)
+            progress.report("key holder", 1, 1, f"{settings.key_bits}-bit key pair ready")
             totals, stats = run_debt_query(
                 grid, nodes, union, keyholder, settings.query_batch, settings.timeout
             )
