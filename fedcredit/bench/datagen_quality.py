@@ -26,7 +26,8 @@ from sklearn.preprocessing import StandardScaler
 from clients.features import local_features
 from clients.ledger.store import open_ledger
 from fedcredit.datagen.config import PopulationConfig
-from fedcredit.datagen.generate import generate
+from fedcredit.datagen.generate import generate, seeded_federation_key
+from protocols.tokens import write_federation_key
 
 TEST_SHARE = 0.3
 
@@ -45,8 +46,12 @@ def _auc_of_fit(X: np.ndarray, y: np.ndarray, test: np.ndarray) -> float:
 def run(borrowers: int, platforms: int, seed: int) -> dict[str, object]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedcredit-quality-") as tmp:
+        key_file = Path(tmp) / "federation.key"
+        write_federation_key(key_file, seeded_federation_key(seed))  # reproducible split
         summary = generate(
-            PopulationConfig(borrowers=borrowers, platforms=platforms, seed=seed), Path(tmp)
+            PopulationConfig(borrowers=borrowers, platforms=platforms, seed=seed),
+            Path(tmp),
+            key_file=key_file,
         )
         truth = pq.read_table(
             summary.truth, columns=["token", "true_pd", "total_debt_fen", "lenders", "active_loans"]

@@ -17,7 +17,6 @@ What needs a truth file (the Bayes bound, the total checks) is reported as unava
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -72,11 +71,6 @@ class DemoOptions(BaseModel):
         if not kinds or any(k not in MODEL_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
             raise ValueError(f"a comma list of {', '.join(MODEL_KINDS)}, got {value!r}")
         return ",".join(kinds)
-
-
-def demo_federation_key(seed: int) -> bytes:
-    """Deterministic key for synthetic demo data (never for real identities)."""
-    return hashlib.sha256(f"fedcredit demo federation key, seed {seed}".encode()).digest()
 
 
 class _DropDeprecationNotice(logging.Filter):
@@ -200,7 +194,7 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
         unavailable["all_totals_match"] = "no truth file to check the decrypted totals against"
     else:
         from fedcredit.datagen.config import PopulationConfig
-        from fedcredit.datagen.generate import generate
+        from fedcredit.datagen.generate import generate, seeded_federation_key
 
         step("generating data", 0, 0, f"{opts.borrowers:,} borrowers, {opts.platforms} platforms")
         data_dir = out / "data"
@@ -213,7 +207,7 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
         # makes the figures reproducible. Real deployments use `fedcredit key generate`.
         data_dir.mkdir(parents=True)
         key_file = data_dir / "federation.key"
-        write_federation_key(key_file, demo_federation_key(opts.seed))
+        write_federation_key(key_file, seeded_federation_key(opts.seed))
         result = generate(
             PopulationConfig(platforms=opts.platforms, borrowers=opts.borrowers, seed=opts.seed),
             data_dir,
