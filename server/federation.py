@@ -174,6 +174,7 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
                 "key_bits": keyholder.key_bits,
                 "tokens_per_ciphertext": keyholder.layout.tokens_per_plaintext(keyholder.key_bits),
                 "platforms_answering": len(nodes),
+                "bytes_per_platform": round((stats.bytes_sent + stats.bytes_received) / len(nodes)),
                 "limited": limited,
             }
             seconds["query"] = time.perf_counter() - t
