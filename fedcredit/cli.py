@@ -266,9 +266,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from fedcredit.bench import uci_federation
 
         csv = Path(args.csv) if args.csv else Path("..") / "shared" / "data" / "uci_credit_card.csv"
+        from fedcredit.demo.run import DemoError
+
         if not csv.is_file():
             raise UsageError(f"--csv: no such file: {csv}")
-        result = uci_federation.run(csv, rounds=args.rounds)
+        if not 1 <= args.rounds <= 500:
+            raise UsageError("--rounds must be between 1 and 500")
+        from clients.ledger.importer import ImportValidationError, MappingError
+
+        try:
+            result = uci_federation.run(csv, rounds=args.rounds)
+        except DemoError as exc:
+            raise UsageError(str(exc)) from None
+        except (ImportValidationError, MappingError) as exc:
+            raise UsageError(f"--csv: {exc}") from None
     else:  # argparse restricts choices; kept for safety
         raise UsageError(f"unknown benchmark {args.name!r}")
     if args.json:

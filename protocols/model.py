@@ -25,6 +25,17 @@ from torch import nn
 MODEL_KINDS = ("lr", "mlp")
 
 
+def parse_model_kinds(value: str) -> str:
+    """Normalise a comma list of model kinds ("mlp, lr" -> "mlp,lr"); the first is primary."""
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    if not kinds or any(k not in MODEL_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError(
+            f"model must be a comma list of distinct kinds from {', '.join(MODEL_KINDS)}, "
+            f"got {value!r}"
+        )
+    return ",".join(kinds)
+
+
 def build_model(kind: str, n_features: int, seed: int = 0) -> nn.Module:
     """A freshly initialised model; the same seed gives the same weights on every party."""
     if kind not in MODEL_KINDS:

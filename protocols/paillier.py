@@ -192,15 +192,20 @@ def ciphertext_width(pk: PaillierPublicKey) -> int:
     return (int(pk.nsquare).bit_length() + 7) // 8
 
 
-def _check_ciphertext(index: int, c: object, n: int, nsquare: int) -> int:
-    if isinstance(c, bool):
-        raise InvalidCiphertext(f"ciphertext {index}: not an integer")
+def _as_int(value: object, what: str, error: type[ValueError]) -> int:
+    """A true integer (not bool, not float): the one coercion every wire value goes through."""
+    if isinstance(value, bool):
+        raise error(f"{what}: bool is not an integer")
     try:
-        c = operator.index(c)
+        return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise InvalidCiphertext(
-            f"ciphertext {index}: not an integer ({type(c).__name__})"
+        raise error(
+            f"{what}: not an integer ({type(value).__name__}); floats are never encoded"
         ) from None
+
+
+def _check_ciphertext(index: int, c: object, n: int, nsquare: int) -> int:
+    c = _as_int(c, f"ciphertext {index}", InvalidCiphertext)
     if c <= 0:
         raise InvalidCiphertext(f"ciphertext {index}: zero or negative")
     if c >= nsquare:
@@ -258,15 +263,8 @@ def encrypt_plaintexts(
     """
     n = int(pk.n)
     ms: list[int] = []
-    for i, m in enumerate(plaintexts):
-        if isinstance(m, bool):
-            raise ValueError(f"plaintext {i}: bool is not an integer plaintext")
-        try:
-            m = operator.index(m)
-        except TypeError:
-            raise ValueError(
-                f"plaintext {i}: not an integer ({type(m).__name__}); floats are never encoded"
-            ) from None
+    for i, value in enumerate(plaintexts):
+        m = _as_int(value, f"plaintext {i}", ValueError)
         if not 0 <= m < n:
             raise ValueError(f"plaintext {i}: outside [0, n)")
         ms.append(m)

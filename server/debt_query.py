@@ -11,7 +11,6 @@ holder to decrypt only the sums. It sees ciphertexts and totals, never one platf
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,7 +21,12 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from protocols import messages as m
-from protocols.paillier import InvalidCiphertext, add_ciphertexts, ciphertexts_from_bytes
+from protocols.paillier import (
+    InvalidCiphertext,
+    add_ciphertexts,
+    ciphertext_width,
+    ciphertexts_from_bytes,
+)
 from server import progress
 from server.keyholder import KeyHolder
 
@@ -77,13 +81,21 @@ def _reply_ciphertexts(
         raise QueryFailed(f"node {node} sent an invalid ciphertext: {exc}") from exc
 
 
+@dataclass
+class BatchResult:
+    totals: np.ndarray  # (tokens, 3)
+    ciphertexts: int  # received, over all platforms
+    bytes_sent: int
+    bytes_received: int
+
+
 def query_batch(
     grid: Grid, nodes: Sequence[int], tokens: list[str], keyholder: KeyHolder, timeout: float
-) -> tuple[np.ndarray, int, int]:
-    """Totals (tokens, 3) of one batch, plus bytes sent and received."""
+) -> BatchResult:
+    """Totals of one batch, and what it cost on the wire."""
     layout = keyholder.layout
     key_bits = keyholder.key_bits
-    expected = math.ceil(len(tokens) / layout.tokens_per_plaintext(key_bits))
+    expected = layout.plaintexts_for(len(tokens), key_bits)
     query_id = uuid.uuid4().hex
     request = m.DebtProfileRequest(
         query_id=query_id, public_key=keyholder.public_key_bytes, tokens=m.tokens_to_bytes(tokens)
@@ -99,10 +111,13 @@ def query_batch(
     per_node = [_reply_ciphertexts(replies[n], n, query_id, expected, keyholder) for n in nodes]
     sums = add_ciphertexts(keyholder.public_key, per_node)
     plain = keyholder.decrypt_sums(sums, contributors=len(nodes))
-    totals = layout.unpack(plain, len(tokens), key_bits)
-    received = sum(len(c) for c in per_node) * ((2 * key_bits + 7) // 8)
-    sent = len(nodes) * (len(request.tokens) + len(request.public_key))
-    return totals, sent, received
+    received = sum(len(c) for c in per_node)
+    return BatchResult(
+        totals=layout.unpack(plain, len(tokens), key_bits),
+        ciphertexts=received,
+        bytes_sent=len(nodes) * (len(request.tokens) + len(request.public_key)),
+        bytes_received=received * ciphertext_width(keyholder.public_key),
+    )
 
 
 def run_debt_query(
@@ -120,15 +135,13 @@ def run_debt_query(
     for lo in range(0, len(tokens), batch_size):
         t0 = time.perf_counter()
         batch = tokens[lo : lo + batch_size]
-        totals, sent, received = query_batch(grid, nodes, batch, keyholder, timeout)
-        out[lo : lo + len(batch)] = totals
+        result = query_batch(grid, nodes, batch, keyholder, timeout)
+        out[lo : lo + len(batch)] = result.totals
         stats.batches += 1
         stats.tokens += len(batch)
-        stats.ciphertexts += len(nodes) * math.ceil(
-            len(batch) / keyholder.layout.tokens_per_plaintext(keyholder.key_bits)
-        )
-        stats.bytes_sent += sent
-        stats.bytes_received += received
+        stats.ciphertexts += result.ciphertexts
+        stats.bytes_sent += result.bytes_sent
+        stats.bytes_received += result.bytes_received
         stats.batch_seconds.append(time.perf_counter() - t0)
         progress.report("encrypted debt query", stats.tokens, len(tokens), "tokens")
     stats.seconds = time.perf_counter() - start

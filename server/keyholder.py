@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from protocols.packing import DEBT_PROFILE_LAYOUT, SlotLayout
+from protocols.packing import DEBT_PROFILE_LAYOUT, SlotLayout, SlotOverflowError
 from protocols.paillier import decrypt_plaintexts, generate_keypair, public_key_to_bytes
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,9 @@ class KeyHolder:
                 f"refusing to decrypt a sum of {contributors} contributor(s): "
                 "that would reveal one platform's own figures"
             )
-        if contributors > self.layout.max_contributors:
-            raise KeyHolderRefusal(
-                f"a sum of {contributors} contributors may overflow slots sized for "
-                f"{self.layout.max_contributors}"
-            )
+        try:
+            self.layout.check_contributors(contributors)
+        except SlotOverflowError as exc:
+            raise KeyHolderRefusal(f"the sum may overflow its slots: {exc}") from None
         self.decrypted += len(sums)
         return decrypt_plaintexts(self._private_key, sums)

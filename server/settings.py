@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from protocols.model import MODEL_KINDS
+from protocols.model import parse_model_kinds
 
 STAGES = ("train", "query", "cross")
 
@@ -56,10 +56,7 @@ class FederationSettings(BaseModel):
     @field_validator("model")
     @classmethod
     def _models(cls, value: str) -> str:
-        names = [s.strip() for s in value.split(",") if s.strip()]
-        if not names or any(n not in MODEL_KINDS for n in names) or len(set(names)) != len(names):
-            raise ValueError(f"model must be a comma list of {', '.join(MODEL_KINDS)}")
-        return ",".join(names)
+        return parse_model_kinds(value)
 
     @property
     def stage_list(self) -> list[str]:

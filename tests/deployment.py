@@ -8,8 +8,9 @@ gone afterwards (asserted, by pid).
 
 This is a helper module, not a test module (pytest does not collect it). Typical use::
 
-    with Deployment(tmp_path, node_configs=[{"ledger": "/x/a.sqlite"}, ...]) as dep:
-        result = dep.run_app(app_dir, {"out-dir": "/tmp/out"}, timeout=600)
+    ledgers = [tmp_path / "a.sqlite", tmp_path / "b.sqlite"]
+    with Deployment(tmp_path, node_configs=[{"ledger": str(x)} for x in ledgers]) as dep:
+        result = dep.run_app(app_dir, {"out-dir": str(tmp_path / "out")}, timeout=600)
         assert result.succeeded, result.report()
     assert not dep.surviving_processes()
 
@@ -114,6 +115,21 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     path.chmod(0o600)
 
 
+def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
+    """Digital signatures for both; certificate and CRL signing only for the CA."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def make_tls_files(directory: Path, hosts: Iterable[str] = ("127.0.0.1", "localhost")) -> TlsFiles:
     """Create a CA and a server certificate valid for ``hosts`` (IPs and DNS names).
 
@@ -139,17 +155,7 @@ def make_tls_files(directory: Path, hosts: Iterable[str] = ("127.0.0.1", "localh
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(signs_certificates=True),
             critical=True,
         )
         .add_extension(ca_ski, critical=False)
@@ -174,17 +180,7 @@ def make_tls_files(directory: Path, hosts: Iterable[str] = ("127.0.0.1", "localh
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(signs_certificates=False),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

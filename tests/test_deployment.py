@@ -121,7 +121,8 @@ def ping_app(tmp_path: Path) -> Path:
 
 def test_deployment_plumbing(tmp_path: Path, ping_app: Path) -> None:
     """TLS, FABs, node-config, the Grid message API, run status and shutdown -- no ML."""
-    ledgers = [f"/data/platform-{i}/ledger.sqlite" for i in range(NUM_NODES)]
+    # The ping app only echoes each node's config back: the files need not exist.
+    ledgers = [str(tmp_path / f"platform-{i}" / "ledger.sqlite") for i in range(NUM_NODES)]
     out_file = tmp_path / "replies.json"
     deployment = Deployment(tmp_path / "deploy", [{"ledger": ledger} for ledger in ledgers])
     with deployment:

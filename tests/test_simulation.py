@@ -31,29 +31,23 @@ REPORT_KEYS = {
 }
 
 
-def test_demo_on_simulation_engine(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
+def demo(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``fedcredit demo ARGS`` in a child process, as a user runs it (telemetry off)."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedcredit",
-            "demo",
-            "--borrowers",
-            "4000",
-            "--rounds",
-            "3",
-            "--model",
-            "lr",
-            "--out",
-            str(out),
-        ],
-        cwd=tmp_path,
+    return subprocess.run(
+        [sys.executable, "-m", "fedcredit", "demo", *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
+    )
+
+
+def test_demo_on_simulation_engine(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = demo(
+        *("--borrowers", "4000", "--rounds", "3", "--model", "lr", "--out", str(out)), cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
@@ -84,15 +78,9 @@ def test_demo_on_existing_ledgers_reports_unavailable_not_invented(tmp_path: Pat
     (tmp_path / "data" / "evaluation" / "truth.parquet").unlink()  # as with real ledgers
     ledgers = ",".join(str(p.ledger) for p in data.platforms)
     out = tmp_path / "demo"
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    command = [sys.executable, "-m", "fedcredit", "demo", "--ledgers", ledgers]
-    proc = subprocess.run(
-        [*command, "--rounds", "2", "--model", "lr", "--out", str(out), "--json"],
+    proc = demo(
+        *("--ledgers", ledgers, "--rounds", "2", "--model", "lr", "--out", str(out), "--json"),
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
@@ -116,13 +104,7 @@ def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
         (["--model", "svm"], "model"),
     ]
     for extra, message in cases:
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedcredit", "demo", "--out", str(tmp_path / "o"), *extra],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = demo("--out", str(tmp_path / "o"), *extra, cwd=REPO, timeout=120)
         assert proc.returncode == 2, (extra, proc.stderr)
         assert message in proc.stderr, (extra, proc.stderr)
         assert "Traceback" not in proc.stderr

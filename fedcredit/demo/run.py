@@ -34,7 +34,7 @@ from clients.platform_data import PlatformData, load_platform_data
 from fedcredit.datagen.bayes import expected_auc
 from fedcredit.demo import baselines
 from protocols.metrics import ScoreHistogram
-from protocols.model import MODEL_KINDS, TrainConfig
+from protocols.model import TrainConfig, parse_model_kinds
 from protocols.split import in_test_set
 from protocols.tokens import write_federation_key
 from server.federation import load_histograms
@@ -67,10 +67,7 @@ class DemoOptions(BaseModel):
     @field_validator("model")
     @classmethod
     def _models(cls, value: str) -> str:
-        kinds = [k.strip() for k in value.split(",") if k.strip()]
-        if not kinds or any(k not in MODEL_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
-            raise ValueError(f"a comma list of {', '.join(MODEL_KINDS)}, got {value!r}")
-        return ",".join(kinds)
+        return parse_model_kinds(value)
 
 
 class _DropDeprecationNotice(logging.Filter):
