@@ -498,6 +498,18 @@ class Deployment:
             raise
         return self
 
+    def _server_tls_flags(self) -> list[str]:
+        """The flags that make a Flower server endpoint speak TLS with the test CA's cert."""
+        assert self.tls is not None
+        return [
+            "--ssl-ca-certfile",
+            str(self.tls.ca_cert),
+            "--ssl-certfile",
+            str(self.tls.server_cert),
+            "--ssl-keyfile",
+            str(self.tls.server_key),
+        ]
+
     def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = make_tls_files(self.workdir / "tls")
@@ -506,12 +518,7 @@ class Deployment:
             "superlink",
             [
                 self._binary("flower-superlink"),
-                "--ssl-ca-certfile",
-                str(self.tls.ca_cert),
-                "--ssl-certfile",
-                str(self.tls.server_cert),
-                "--ssl-keyfile",
-                str(self.tls.server_key),
+                *self._server_tls_flags(),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -546,14 +553,7 @@ class Deployment:
                 config_string(node_config),
             ]
             if self.supernode_runtime_tls:
-                command += [
-                    "--ssl-ca-certfile",
-                    str(self.tls.ca_cert),
-                    "--ssl-certfile",
-                    str(self.tls.server_cert),
-                    "--ssl-keyfile",
-                    str(self.tls.server_key),
-                ]
+                command += self._server_tls_flags()
             self._spawn(f"supernode-{index}", command, self.workdir / f"supernode-{index}-home")
 
         nodes = self.processes[1:]
