@@ -1,35 +1,551 @@
-"""The bureau's decryption-key holder: creates the Paillier key pair, decrypts only sums.
+"""The decryption-key holder's policy: what it decrypts, for whom, and what it refuses.
 
-The coordinator never holds the private key; it hands the key holder a homomorphic sum and
-the number of platforms that contributed to it, and gets plaintext sums back. The key holder
-refuses a "sum" of fewer than two contributors (that would be one platform's own figures) or
-of more than the slot layout's headroom allows (a sum that could have carried between slots).
+Why a separate party: the coordinator (the bureau's aggregator) sees every platform's
+ciphertext. If it also held the Paillier private key it could decrypt each platform's figures
+one by one. So the private key lives in a separate process and service (``fedcredit
+keyholder serve``, ``server/keyholder_service.py``) run by a different operator; the
+coordinator sends it homomorphic *sums* and gets plaintext sums back, and on its own can
+decrypt nothing.
 
-What this does not yet protect: a key holder that is handed one platform's ciphertext under
-a false contributor count would decrypt it. Additive masks that cancel only in the full sum
-(a later issue) remove that: each platform's plaintext is then uniform noise on its own.
+The key holder decrypts whatever sum it is given
+    It cannot tell a sum over three platforms from one platform's ciphertext relabelled as a
+    "sum": its checks (authenticated caller, at least ``min_participants`` distinct platform
+    names, a fresh query id, every ciphertext a unit mod n**2, sizes within bounds) are
+    hygiene and audit, not the protection of individual figures. That protection comes from
+    the platforms: each adds an additive mask to its plaintext, the masks of all
+    participants cancel only in the full sum, so any single platform's decrypted ciphertext
+    (or any partial sum) is uniform noise mod n.
+
+If the coordinator and the key holder collude
+    (outside MISSION.md's assumption of non-colluding honest-but-curious parties) they can
+    decrypt every ciphertext the coordinator received. They then see each platform's *masked*
+    value. The masks are derived from pairwise secrets shared between platforms (each pair
+    agrees on a seed, one adds and the other subtracts its expansion), which neither
+    coordinator nor key holder knows. So colluding, they learn the totals over the
+    participant set (which they would learn anyway) and, per platform, values that are
+    uniformly random to them: they learn no single platform's contribution as long as at
+    least two participating platforms are honest (do not reveal their pairwise seeds) -- with
+    only one honest platform, its contribution is the total minus the colluders' own. Also
+    lost under collusion: the key holder's refusals (replay, too few participants) no longer
+    bind, because the coordinator can ask for anything; and if masking is ever skipped (a
+    bug, or a mask-free protocol step), collusion reveals every individual figure. Platforms
+    must therefore verify the key holder's signed announcement (``protocols.key_announcement``)
+    so that a coordinator alone cannot substitute a key pair of its own.
+
+Refusals carry an HTTP-style status and a one-line reason (``KeyHolderRefusal``) and are
+logged; every decryption and every refusal of an authenticated request goes to a
+hash-chained JSON-lines audit file (``AuditLog``), and decrypted query ids are kept in
+SQLite (``ReplayGuard``) so a replay is refused even after a restart.
+
+``KeyHolder`` at the bottom is the old in-process class, kept only until the coordinator
+(``server/federation.py``, ``server/debt_query.py``) moves to ``KeyHolderAPI``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
 import logging
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocols.key_announcement import KeyAnnouncement
 from protocols.packing import DEBT_PROFILE_LAYOUT, SlotLayout, SlotOverflowError
-from protocols.paillier import decrypt_plaintexts, generate_keypair, public_key_to_bytes
+from protocols.paillier import (
+    InvalidCiphertext,
+    PaillierPublicKey,
+    ciphertext_width,
+    ciphertexts_from_bytes,
+    decrypt_plaintexts,
+    generate_keypair,
+    public_key_to_bytes,
+)
+from server.keystore import KeyRecord, Keystore
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MIN_PARTICIPANTS = 3
+DEFAULT_MAX_COUNT = 100_000
+# A sum of more contributions than the slot layout's headroom may carry between slots.
+DEFAULT_MAX_PARTICIPANTS = DEBT_PROFILE_LAYOUT.max_contributors
+PLATFORM_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_PLATFORM_RE = re.compile(PLATFORM_NAME)
+
+__all__ = [
+    "AuditLog",
+    "DecodedRequest",
+    "DecryptRequest",
+    "DecryptResponse",
+    "KeyHolder",
+    "KeyHolderCore",
+    "KeyHolderRefusal",
+    "ReplayGuard",
+    "decode_decrypt_body",
+    "decode_decrypt_request",
+    "verify_audit_log",
+]
+
 
 class KeyHolderRefusal(PermissionError):
-    pass
+    """The key holder will not do what was asked; ``reason`` says why in one line.
+
+    ``status`` is the HTTP status the service answers with, ``code`` a stable machine name.
+    """
+
+    def __init__(self, reason: str, status: int = 403, code: str = "refused") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.code = code
+
+
+# ------------------------------------------------------------------------- request decoding
+
+
+class DecryptRequest(BaseModel):
+    """``POST /v1/decrypt`` body. Unknown fields are refused; no type is coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    key_id: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+    query_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    participants: Annotated[list[str], Field(max_length=1024)]
+    count: Annotated[int, Field(ge=1, le=2**31)]
+    ciphertexts: str = Field(description="base64 of `count` fixed-width big-endian ciphertexts")
+
+
+class DecryptResponse(BaseModel):
+    """``POST /v1/decrypt`` answer: plaintexts fixed-width (byte length of n), base64."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_id: str
+    query_id: str
+    plaintexts: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedRequest:
+    """A request that passed every check: ready to decrypt."""
+
+    key: KeyRecord
+    query_id: str
+    participants: tuple[str, ...]
+    ciphertexts: list[int]
+
+
+def _pydantic_reason(exc: ValidationError) -> str:
+    parts = []
+    # Unknown and missing fields first: they say most plainly what is wrong with the body.
+    rank = {"extra_forbidden": 0, "missing": 1}
+    for e in sorted(exc.errors(), key=lambda e: rank.get(e["type"], 2))[:5]:
+        where = ".".join(str(x) for x in e["loc"]) or "body"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown field {where!r}")
+        elif e["type"] == "missing":
+            parts.append(f"missing field {where!r}")
+        else:
+            parts.append(f"{where}: {e['msg']}"[:200])
+    return "invalid request: " + "; ".join(parts)
+
+
+def decode_decrypt_request(
+    raw: object,
+    keystore: Keystore,
+    *,
+    min_participants: int = DEFAULT_MIN_PARTICIPANTS,
+    max_count: int = DEFAULT_MAX_COUNT,
+    max_participants: int = DEFAULT_MAX_PARTICIPANTS,
+    now: dt.datetime | None = None,
+) -> DecodedRequest:
+    """Check a parsed JSON body completely; every failure is a ``KeyHolderRefusal``.
+
+    Order: shape (422), key id (404 unknown / 409 beyond grace), participants (403 too few,
+    422 duplicates, bad names or slot overflow), count (413 over the maximum), ciphertext blob
+    (422 bad base64 or wrong length, 422 naming the index of a ciphertext outside Z*_{n^2}).
+    The replay check needs the persistent store and happens in ``KeyHolderCore``.
+    """
+    if not isinstance(raw, dict):
+        raise KeyHolderRefusal("invalid request: the body must be a JSON object", 422, "invalid")
+    try:
+        req = DecryptRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise KeyHolderRefusal(_pydantic_reason(exc), 422, "invalid") from None
+    now = now or dt.datetime.now(dt.UTC)
+    key = keystore.get(req.key_id)
+    if key is None:
+        raise KeyHolderRefusal(f"unknown key id {req.key_id}", 404, "unknown_key")
+    if not key.can_decrypt(now):
+        raise KeyHolderRefusal(
+            f"key {req.key_id} is retired and past its grace period (private half erased)",
+            409,
+            "key_retired",
+        )
+    names = req.participants
+    if len(set(names)) != len(names):
+        raise KeyHolderRefusal("participants must be unique platform names", 422, "invalid")
+    for name in names:
+        if not _PLATFORM_RE.match(name):
+            raise KeyHolderRefusal(
+                f"participant name {name[:70]!r} is not a platform name ({PLATFORM_NAME})",
+                422,
+                "invalid",
+            )
+    if len(names) < min_participants:
+        raise KeyHolderRefusal(
+            f"refusing to decrypt a sum of {len(names)} participant(s): at least "
+            f"{min_participants} are required (fewer could reveal one platform's own figures)",
+            403,
+            "too_few_participants",
+        )
+    if len(names) > max_participants:
+        raise KeyHolderRefusal(
+            f"{len(names)} participants: a sum of more than {max_participants} may overflow "
+            "its slots",
+            422,
+            "too_many_participants",
+        )
+    if req.count > max_count:
+        raise KeyHolderRefusal(
+            f"count {req.count} exceeds the maximum batch of {max_count} ciphertexts",
+            413,
+            "too_large",
+        )
+    width = ciphertext_width(key.public_key)
+    expected_chars = 4 * ((req.count * width + 2) // 3)
+    if len(req.ciphertexts) != expected_chars:
+        raise KeyHolderRefusal(
+            f"count mismatch: {req.count} ciphertexts of {width} bytes need {expected_chars} "
+            f"base64 characters, got {len(req.ciphertexts)}",
+            422,
+            "count_mismatch",
+        )
+    try:
+        blob = base64.b64decode(req.ciphertexts, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyHolderRefusal("ciphertexts: not valid base64", 422, "invalid") from None
+    try:
+        cts = ciphertexts_from_bytes(key.public_key, blob, req.count)
+    except InvalidCiphertext as exc:  # names the index: "ciphertext 3: not below n**2"
+        raise KeyHolderRefusal(f"{exc} (outside Z*_{{n^2}})", 422, "bad_ciphertext") from None
+    return DecodedRequest(
+        key=key, query_id=req.query_id, participants=tuple(names), ciphertexts=cts
+    )
+
+
+def decode_decrypt_body(body: bytes, keystore: Keystore, **limits: Any) -> DecodedRequest:
+    """``decode_decrypt_request`` on raw bytes: JSON errors become clean 422 refusals too."""
+    try:
+        raw = json.loads(body)
+    except (ValueError, RecursionError, TypeError) as exc:
+        # ValueError covers bad JSON, bad UTF-8 and over-long integer literals.
+        raise KeyHolderRefusal(
+            f"invalid request: body is not JSON ({str(exc)[:120]})", 422, "invalid"
+        ) from None
+    return decode_decrypt_request(raw, keystore, **limits)
+
+
+# ------------------------------------------------------------------------- replay and audit
+
+
+class ReplayGuard:
+    """Query ids already decrypted, kept in SQLite so a restart still refuses replays.
+
+    ``path=None`` keeps them in memory (``LocalKeyHolder``). ``claim`` is atomic (a primary
+    key insert), so two concurrent requests with one query id cannot both pass.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._memory: set[str] = set()
+        self._lock = threading.Lock()
+        if self.path is not None:
+            with self._connect() as db:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS decrypted_queries ("
+                    "query_id TEXT PRIMARY KEY, key_id TEXT NOT NULL, at TEXT NOT NULL)"
+                )
+            with contextlib.suppress(OSError):
+                os.chmod(self.path, 0o600)
+
+    def _connect(self) -> sqlite3.Connection:
+        assert self.path is not None
+        return sqlite3.connect(self.path, timeout=30, isolation_level=None)
+
+    def seen(self, query_id: str) -> bool:
+        if self.path is None:
+            with self._lock:
+                return query_id in self._memory
+        db = self._connect()
+        try:
+            row = db.execute(
+                "SELECT 1 FROM decrypted_queries WHERE query_id = ?", (query_id,)
+            ).fetchone()
+        finally:
+            db.close()
+        return row is not None
+
+    def claim(self, query_id: str, key_id: str, now: dt.datetime) -> bool:
+        """Record ``query_id``; False if it was recorded before (a replay)."""
+        if self.path is None:
+            with self._lock:
+                if query_id in self._memory:
+                    return False
+                self._memory.add(query_id)
+                return True
+        db = self._connect()
+        try:
+            db.execute(
+                "INSERT INTO decrypted_queries (query_id, key_id, at) VALUES (?, ?, ?)",
+                (query_id, key_id, now.isoformat()),
+            )
+            return True
+        except sqlite3.IntegrityError:
+            return False
+        finally:
+            db.close()
+
+
+_GENESIS = "0" * 64
+
+
+class AuditLog:
+    """Append-only JSON lines, each hash-chained to the previous one (tamper-evident).
+
+    Each line is ``{"prev": <hash of previous line>, ...event..., "hash": h}`` where
+    ``h = sha256(prev_hash + canonical JSON of the line without "hash")``. Editing, deleting
+    or reordering any line breaks the chain from there on (``verify_audit_log``); truncating
+    the tail is detectable only against an externally kept last hash. ``path=None`` keeps the
+    lines in memory (tests).
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._prev = _GENESIS
+        if self.path is not None and self.path.exists():
+            last = _last_line(self.path)
+            if last:
+                try:
+                    self._prev = json.loads(last)["hash"]
+                except (ValueError, KeyError, TypeError):
+                    log.error("audit log %s: last line unreadable; chaining from it", self.path)
+                    self._prev = hashlib.sha256(last.encode()).hexdigest()
+
+    def append(self, event: dict[str, Any]) -> str:
+        with self._lock:
+            entry = {"prev": self._prev, **event}
+            body = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+            digest = hashlib.sha256((self._prev + body).encode()).hexdigest()
+            line = json.dumps({**entry, "hash": digest}, sort_keys=True, separators=(",", ":"))
+            if self.path is None:
+                self.lines.append(line)
+            else:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, (line + "\n").encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._prev = digest
+            return digest
+
+
+def _last_line(path: Path) -> str:
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 65536))
+        tail = fh.read().decode(errors="replace").strip().splitlines()
+    return tail[-1] if tail else ""
+
+
+def verify_audit_log(lines: Sequence[str] | Path) -> int:
+    """Check the hash chain; returns the number of lines, raises ``ValueError`` at a break."""
+    if isinstance(lines, Path):
+        lines = lines.read_text().splitlines()
+    prev = _GENESIS
+    for i, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+            digest = entry.pop("hash")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"audit line {i + 1}: unreadable") from None
+        if entry.get("prev") != prev:
+            raise ValueError(f"audit line {i + 1}: does not chain to the previous line")
+        body = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+        if hashlib.sha256((prev + body).encode()).hexdigest() != digest:
+            raise ValueError(f"audit line {i + 1}: content does not match its hash")
+        prev = digest
+    return len(lines)
+
+
+# ---------------------------------------------------------------------------------- the core
+
+
+class KeyHolderCore:
+    """Decodes, checks, decrypts and audits: the whole policy, with no transport attached.
+
+    The HTTP service and ``LocalKeyHolder`` both drive this class, so tests of the fast
+    in-process path exercise the same checks as the real service.
+    """
+
+    def __init__(
+        self,
+        keystore: Callable[[], Keystore],
+        *,
+        replay: ReplayGuard,
+        audit: AuditLog,
+        min_participants: int = DEFAULT_MIN_PARTICIPANTS,
+        max_count: int = DEFAULT_MAX_COUNT,
+        max_participants: int = DEFAULT_MAX_PARTICIPANTS,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        if min_participants < 2:
+            raise ValueError(
+                "min_participants must be at least 2 (one would be a platform's own figure)"
+            )
+        if max_count < 1:
+            raise ValueError("max_count must be at least 1")
+        self._keystore = keystore
+        self.replay = replay
+        self.audit = audit
+        self.min_participants = min_participants
+        self.max_count = max_count
+        self.max_participants = max_participants
+        self.clock = clock
+
+    @property
+    def keystore(self) -> Keystore:
+        return self._keystore()
+
+    def announcement(self) -> KeyAnnouncement:
+        ks = self.keystore
+        return ks.announcement(ks.active.key_id, self.clock())
+
+    def announcements(self) -> list[KeyAnnouncement]:
+        ks, now = self.keystore, self.clock()
+        return [ks.announcement(k.key_id, now) for k in ks.keys]
+
+    def max_body_bytes(self) -> int:
+        """The largest acceptable request body: the base64 of a maximal batch plus room."""
+        width = max(ciphertext_width(k.public_key) for k in self.keystore.keys)
+        return 4 * ((self.max_count * width + 2) // 3) + 128 * 1024
+
+    def decrypt_body(self, body: bytes | object, caller: str = "?") -> DecryptResponse:
+        """Decode (bytes or an already-parsed object), check, decrypt, audit, answer."""
+        now = self.clock()
+        limits = {
+            "min_participants": self.min_participants,
+            "max_count": self.max_count,
+            "max_participants": self.max_participants,
+            "now": now,
+        }
+        ks = self.keystore
+        try:
+            if isinstance(body, bytes | bytearray):
+                req = decode_decrypt_body(bytes(body), ks, **limits)
+            else:
+                req = decode_decrypt_request(body, ks, **limits)
+            if self.replay.seen(req.query_id) or not self.replay.claim(
+                req.query_id, req.key.key_id, now
+            ):
+                raise KeyHolderRefusal(
+                    f"query id {req.query_id} was already decrypted (replay)", 409, "replay"
+                )
+        except KeyHolderRefusal as exc:
+            self._refused(exc, body, caller, now)
+            raise
+        assert req.key.private_key is not None  # can_decrypt checked it
+        plain = decrypt_plaintexts(req.key.private_key, req.ciphertexts)
+        width = (int(req.key.public_key.n).bit_length() + 7) // 8
+        blob = b"".join(m.to_bytes(width, "big") for m in plain)
+        self.audit.append(
+            {
+                "event": "decrypt",
+                "at": now.isoformat(),
+                "query_id": req.query_id,
+                "key_id": req.key.key_id,
+                "participants": list(req.participants),
+                "count": len(plain),
+                "caller": caller,
+            }
+        )
+        log.info(
+            "decrypted query %s: key %s, %d ciphertexts, participants %s",
+            req.query_id,
+            req.key.key_id,
+            len(plain),
+            ",".join(req.participants),
+        )
+        return DecryptResponse(
+            key_id=req.key.key_id,
+            query_id=req.query_id,
+            plaintexts=base64.b64encode(blob).decode(),
+        )
+
+    def _refused(self, exc: KeyHolderRefusal, body: object, caller: str, now: dt.datetime) -> None:
+        query_id = key_id = None
+        obj = body
+        if isinstance(body, bytes | bytearray) and len(body) < 10_000_000:
+            with contextlib.suppress(ValueError, RecursionError):
+                obj = json.loads(body)
+        if isinstance(obj, dict):
+            q, k = obj.get("query_id"), obj.get("key_id")
+            query_id = q[:64] if isinstance(q, str) else None
+            key_id = k[:64] if isinstance(k, str) else None
+        log.warning(
+            "refused decrypt (%d %s) query %s key %s: %s",
+            exc.status,
+            exc.code,
+            query_id,
+            key_id,
+            exc.reason,
+        )
+        self.audit.append(
+            {
+                "event": "refused",
+                "at": now.isoformat(),
+                "status": exc.status,
+                "code": exc.code,
+                "reason": exc.reason[:300],
+                "query_id": query_id,
+                "key_id": key_id,
+                "caller": caller,
+            }
+        )
+
+
+# -------------------------------------------------------------------------- legacy in-process
 
 
 class KeyHolder:
+    """The old in-process key holder: the coordinator's process holds the private key.
+
+    Kept only so ``server/federation.py`` and ``server/debt_query.py`` keep working until they
+    call a ``KeyHolderAPI`` (``server/keyholder_client.py``). It does not meet the threat
+    model's separation (the coordinator could decrypt alone): do not use it in new code.
+    """
+
     def __init__(self, bits: int = 2048, layout: SlotLayout = DEBT_PROFILE_LAYOUT) -> None:
+        self.public_key: PaillierPublicKey
         self.public_key, self._private_key = generate_keypair(bits)
         self.layout = layout
         self.decrypted = 0
-        log.info("key holder: new %d-bit Paillier key pair", bits)
+        log.info("key holder (legacy, in-process): new %d-bit Paillier key pair", bits)
 
     @property
     def public_key_bytes(self) -> bytes:

@@ -1,0 +1,236 @@
+"""The key holder as an HTTP service (FastAPI + uvicorn), run apart from the coordinator.
+
+Why a service: the Paillier private key must live in a process (and ideally on a machine and
+under an operator) other than the coordinator's, so the coordinator alone can decrypt
+nothing; see ``server/keyholder.py`` for the policy and for what breaks under collusion.
+
+Endpoints (OpenAPI at ``/openapi.json``)
+    ``GET /v1/health``  liveness, no authentication, no key material.
+    ``GET /v1/key``     the active key's freshly signed ``KeyAnnouncement``.
+    ``GET /v1/keys``    announcements of every key (active and retired), no secrets.
+    ``POST /v1/decrypt`` ``{key_id, query_id, participants, count, ciphertexts}`` ->
+                        ``{key_id, query_id, plaintexts}``.
+
+Every ``/v1`` endpoint but health needs ``Authorization: Bearer <token>``; the service keeps
+only the token's SHA-256 and compares digests with ``hmac.compare_digest``. Refusals are JSON
+``{"error": code, "reason": text}`` with a 4xx status, and are logged. The request body is
+read with a hard cap (a maximal batch in base64 plus room) before any parsing, and decoding
+and decryption run in a worker thread, so a hostile or huge request can neither exhaust
+memory nor stall ``/v1/health``.
+
+Run it with ``fedcredit keyholder serve`` or, equivalently, ``python -m
+server.keyholder_service`` with the same flags.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from protocols.key_announcement import KeyAnnouncement
+from server.keyholder import DecryptRequest, DecryptResponse, KeyHolderCore, KeyHolderRefusal
+from server.keystore import atomic_write
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KeyHolderServer", "announcement_json", "create_app", "main", "serve"]
+
+
+def announcement_json(ann: KeyAnnouncement) -> dict[str, Any]:
+    """The wire form of an announcement inside JSON: ``KeyAnnouncement.to_bytes`` in base64.
+
+    Carrying the exact ``to_bytes`` output (rather than re-encoding fields) means a client
+    verifies precisely what the key holder signed.
+    """
+    return {"key_id": ann.key_id, "announcement": base64.b64encode(ann.to_bytes()).decode()}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, reason: str, headers: dict[str, str] | None = None):
+        super().__init__(reason)
+        self.status, self.code, self.reason, self.headers = status, code, reason, headers
+
+
+def create_app(core: KeyHolderCore, token_sha256: str) -> FastAPI:
+    """The FastAPI app around ``core``; ``token_sha256`` is the hex SHA-256 of the token."""
+    expected = bytes.fromhex(token_sha256)
+    if len(expected) != 32:
+        raise ValueError("token_sha256 must be 64 hex characters")
+    app = FastAPI(
+        title="fedcredit key holder",
+        version="1",
+        description="Decrypts homomorphic sums for the fedcredit coordinator; never single "
+        "contributions (platforms mask them). See server/keyholder.py.",
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    def authenticate(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        ok = hmac.compare_digest(digest, expected)  # computed even without a header
+        if scheme.lower() != "bearer" or not token or not ok:
+            client = request.client.host if request.client else "?"
+            log.warning(
+                "refused %s %s from %s: missing or wrong bearer token",
+                request.method,
+                request.url.path,
+                client,
+            )
+            raise _Refused(
+                401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+            )
+        return request.client.host if request.client else "?"
+
+    @app.exception_handler(_Refused)
+    async def _refused(request: Request, exc: _Refused) -> JSONResponse:
+        return JSONResponse({"error": exc.code, "reason": exc.reason}, exc.status, exc.headers)
+
+    @app.exception_handler(KeyHolderRefusal)
+    async def _refusal(request: Request, exc: KeyHolderRefusal) -> JSONResponse:
+        return JSONResponse({"error": exc.code, "reason": exc.reason}, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": "invalid", "reason": "invalid request"}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": "http", "reason": str(exc.detail)}, exc.status_code)
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/key")
+    async def key(caller: str = Depends(authenticate)) -> dict[str, Any]:
+        return announcement_json(await anyio.to_thread.run_sync(core.announcement))
+
+    @app.get("/v1/keys")
+    async def keys(caller: str = Depends(authenticate)) -> dict[str, Any]:
+        anns = await anyio.to_thread.run_sync(core.announcements)
+        return {"keys": [announcement_json(a) for a in anns]}
+
+    @app.post(
+        "/v1/decrypt",
+        response_model=DecryptResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": DecryptRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def decrypt(request: Request, caller: str = Depends(authenticate)) -> DecryptResponse:
+        limit = core.max_body_bytes()
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            log.warning(
+                "refused decrypt from %s: body of %s bytes over %d", caller, declared, limit
+            )
+            raise KeyHolderRefusal(f"request body over {limit} bytes", 413, "too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                log.warning("refused decrypt from %s: body over %d bytes", caller, limit)
+                raise KeyHolderRefusal(f"request body over {limit} bytes", 413, "too_large")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        return await anyio.to_thread.run_sync(core.decrypt_body, body, caller)
+
+    return app
+
+
+class KeyHolderServer(uvicorn.Server):
+    """uvicorn's server that writes the bound port to a file once it is listening.
+
+    Why: with ``--listen host:0`` the OS picks the port; a supervisor (tests,
+    ``start_keyholder_process``) learns it from the port file, which appears only when the
+    service accepts connections.
+    """
+
+    def __init__(self, config: uvicorn.Config, port_file: Path | None, port: int) -> None:
+        super().__init__(config)
+        self.port_file = port_file
+        self.bound_port = port
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.port_file is not None:
+            atomic_write(self.port_file, f"{self.bound_port}\n".encode(), mode=0o644)
+        log.info("key holder listening on port %d", self.bound_port)
+
+
+def serve(
+    app: FastAPI,
+    host: str,
+    port: int,
+    *,
+    port_file: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> None:
+    """Run ``app`` in this process until SIGINT/SIGTERM, on a socket bound before start."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=10,
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+        limit_concurrency=64,
+    )
+    server = KeyHolderServer(config, port_file, bound)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m server.keyholder_service``: the ``fedcredit keyholder serve`` flags."""
+    import argparse
+
+    from fedcredit import keyholder_cli
+
+    parser = argparse.ArgumentParser(
+        prog="python -m server.keyholder_service",
+        description="Serve the fedcredit key holder (same flags as `fedcredit keyholder serve`).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    keyholder_cli.add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return keyholder_cli.run_command(keyholder_cli.cmd_serve, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
