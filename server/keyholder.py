@@ -189,7 +189,7 @@ def decode_decrypt_request(
         raise KeyHolderRefusal(f"unknown key id {req.key_id}", 404, "unknown_key")
     if not key.can_decrypt(now):
         raise KeyHolderRefusal(
-            f"key {req.key_id} is retired and past its grace period (private half erased)",
+            f"key {req.key_id} is retired and past its grace period: it no longer decrypts",
             409,
             "key_retired",
         )
