@@ -176,25 +176,43 @@ class KeyHolderClient(KeyHolderAPI):
         return data
 
     def _parse_announcement(self, item: Any) -> KeyAnnouncement:
+        """Parse one announcement and remember its key (for encoding sums under it).
+
+        The key is cached unverified: encoding a sum needs only ``n``, and the key holder is
+        the authority on whether it still decrypts under it. Verification against the pinned
+        key (``verify_key``) is for what gets forwarded to platforms: ``announcement()``.
+        """
         try:
             ann = KeyAnnouncement.from_bytes(base64.b64decode(item["announcement"], validate=True))
+            pk = public_key_from_bytes(ann.public_key, allow_insecure_test_size=True)
         except (AnnouncementError, KeyError, TypeError, binascii.Error, ValueError) as exc:
             raise KeyHolderUnavailable(f"key holder sent a malformed announcement: {exc}") from None
-        if self.verify_key is not None:
-            pk = verify_announcement(
-                ann, self.verify_key, allow_insecure_test_size=self.allow_insecure_test_size
-            )
-        else:
-            pk = public_key_from_bytes(ann.public_key, allow_insecure_test_size=True)
         self._keys[ann.key_id] = pk
         return ann
 
     def announcement(self) -> KeyAnnouncement:
-        return self._parse_announcement(self._call("GET", "/v1/key"))
+        """The active key's announcement; verified first when a ``verify_key`` is pinned.
+
+        A verification failure (wrong signer, expired, inconsistent) raises
+        ``KeyHolderUnavailable``: whatever answered is not our key holder, or not sane.
+        """
+        ann = self._parse_announcement(self._call("GET", "/v1/key"))
+        if self.verify_key is not None:
+            try:
+                verify_announcement(
+                    ann, self.verify_key, allow_insecure_test_size=self.allow_insecure_test_size
+                )
+            except AnnouncementError as exc:
+                raise KeyHolderUnavailable(f"announcement failed verification: {exc}") from None
+        return ann
 
     def announcements(self) -> list[KeyAnnouncement]:
+        """Announcements of every key, retired ones included (those may be expired)."""
         data = self._call("GET", "/v1/keys")
-        return [self._parse_announcement(item) for item in data.get("keys", [])]
+        items = data.get("keys")
+        if not isinstance(items, list):
+            raise KeyHolderUnavailable("key holder sent a malformed key list")
+        return [self._parse_announcement(item) for item in items]
 
     def health(self) -> dict[str, Any]:
         try:

@@ -24,6 +24,7 @@ server.keyholder_service`` with the same flags.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -34,11 +35,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocols.key_announcement import KeyAnnouncement
@@ -65,8 +66,12 @@ class _Refused(Exception):
         self.status, self.code, self.reason, self.headers = status, code, reason, headers
 
 
-def create_app(core: KeyHolderCore, token_sha256: str) -> FastAPI:
-    """The FastAPI app around ``core``; ``token_sha256`` is the hex SHA-256 of the token."""
+def create_app(core: KeyHolderCore, token_sha256: str, *, max_inflight: int = 4) -> FastAPI:
+    """The FastAPI app around ``core``; ``token_sha256`` is the hex SHA-256 of the token.
+
+    ``max_inflight``: decrypt requests read and processed at once (the rest queue), which
+    bounds memory at about ``max_inflight`` maximal bodies.
+    """
     expected = bytes.fromhex(token_sha256)
     if len(expected) != 32:
         raise ValueError("token_sha256 must be 64 hex characters")
@@ -113,17 +118,19 @@ def create_app(core: KeyHolderCore, token_sha256: str) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": "http", "reason": str(exc.detail)}, exc.status_code)
 
+    inflight = asyncio.Semaphore(max_inflight)
+
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/v1/key")
     async def key(caller: str = Depends(authenticate)) -> dict[str, Any]:
-        return announcement_json(await anyio.to_thread.run_sync(core.announcement))
+        return announcement_json(await run_in_threadpool(core.announcement))
 
     @app.get("/v1/keys")
     async def keys(caller: str = Depends(authenticate)) -> dict[str, Any]:
-        anns = await anyio.to_thread.run_sync(core.announcements)
+        anns = await run_in_threadpool(core.announcements)
         return {"keys": [announcement_json(a) for a in anns]}
 
     @app.post(
@@ -137,6 +144,11 @@ def create_app(core: KeyHolderCore, token_sha256: str) -> FastAPI:
         },
     )
     async def decrypt(request: Request, caller: str = Depends(authenticate)) -> DecryptResponse:
+        # A few requests at a time: each may carry ~100 MB and hours of CPU; the others wait.
+        async with inflight:
+            return await _decrypt(request, caller)
+
+    async def _decrypt(request: Request, caller: str) -> DecryptResponse:
         limit = core.max_body_bytes()
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -152,7 +164,7 @@ def create_app(core: KeyHolderCore, token_sha256: str) -> FastAPI:
                 raise KeyHolderRefusal(f"request body over {limit} bytes", 413, "too_large")
             chunks.append(chunk)
         body = b"".join(chunks)
-        return await anyio.to_thread.run_sync(core.decrypt_body, body, caller)
+        return await run_in_threadpool(core.decrypt_body, body, caller)
 
     return app
 

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -629,6 +630,7 @@ class WatchedKeystore:
         self._secret = secret
         self._stamp: tuple[int, int, int] | None = None
         self._store: Keystore | None = None
+        self._lock = threading.Lock()
         self.current()
 
     def _stat(self) -> tuple[int, int, int]:
@@ -636,6 +638,10 @@ class WatchedKeystore:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def current(self) -> Keystore:
+        with self._lock:
+            return self._current()
+
+    def _current(self) -> Keystore:
         try:
             stamp = self._stat()
         except OSError:

@@ -47,6 +47,7 @@ from server.keyholder import (
 )
 from server.keyholder_client import (
     KeyHolderClient,
+    KeyHolderUnavailable,
     LocalKeyHolder,
     RunningKeyHolder,
     start_keyholder_process,
@@ -324,6 +325,22 @@ def test_rotation_announces_a_new_key_and_the_old_one_decrypts_in_grace(tmp_path
         with pytest.raises(KeyHolderRefusal, match="retired") as exc:
             client.decrypt_sums(old.key_id, _qid(), PLATFORMS, in_flight)
         assert exc.value.status == 409
+        # A fresh client learns of the erased key from /v1/keys; its announcement is expired.
+        with running.client(verify_key=pinned, allow_insecure_test_size=True) as fresh:
+            anns = {a.key_id: a for a in fresh.announcements()}
+            with pytest.raises(AnnouncementError, match="expired"):
+                verify_announcement(anns[old.key_id], pinned, allow_insecure_test_size=True)
+            with pytest.raises(KeyHolderRefusal, match="retired"):
+                fresh.decrypt_sums(old.key_id, _qid(), PLATFORMS, in_flight)
+        # A client pinned to another key holder's verify key refuses this one's announcement.
+        stranger = Keystore.create(None, None, bits=1024, allow_insecure_test_size=True)
+        with (
+            running.client(
+                verify_key=stranger.verify_key_bytes, allow_insecure_test_size=True
+            ) as wary,
+            pytest.raises(KeyHolderUnavailable, match="signature"),
+        ):
+            wary.announcement()
     shown = _cli_json("show", "--keystore", str(ks), "--passphrase-env", PASS_VAR)
     assert shown["verified"] is True
     assert {k["key_id"]: k["can_decrypt"] for k in shown["keys"]} == {
@@ -678,6 +695,23 @@ _near_valid = st.fixed_dictionaries(
 )
 
 
+# Right shape, right key, three platforms: only the ciphertext values vary (0, n, n**2, ...).
+_N = int(_FUZZ_KEY.public_key.n)
+_ct_values = st.one_of(
+    st.integers(min_value=0, max_value=2 ** (8 * _WIDTH) - 1),
+    st.sampled_from([0, 1, _N, 2 * _N, _N * _N - 1, _N * _N, 2 ** (8 * _WIDTH) - 1]),
+)
+_well_formed = st.lists(_ct_values, min_size=1, max_size=4).map(
+    lambda xs: {
+        "key_id": _FUZZ_KEY.key_id,
+        "query_id": "c" * 32,
+        "participants": ["p1", "p2", "p3"],
+        "count": len(xs),
+        "ciphertexts": base64.b64encode(b"".join(x.to_bytes(_WIDTH, "big") for x in xs)).decode(),
+    }
+)
+
+
 def _decode(raw: object) -> None:
     try:
         req = decode_decrypt_request(raw, _FUZZ_STORE)
@@ -688,7 +722,7 @@ def _decode(raw: object) -> None:
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(_json, _near_valid))
+@given(st.one_of(_json, _near_valid, _well_formed))
 def test_decoder_rejects_arbitrary_input_cleanly(raw: object) -> None:
     _decode(raw)
 
@@ -700,6 +734,17 @@ def test_body_decoder_rejects_arbitrary_bytes_cleanly(body: bytes) -> None:
         decode_decrypt_body(body, _FUZZ_STORE)
     except KeyHolderRefusal as exc:
         assert 400 <= exc.status < 500
+
+
+def test_decoder_names_the_bad_index() -> None:
+    good = encrypt_plaintexts(_FUZZ_KEY.public_key, [1, 2, 3], workers=1)
+    for bad in (0, _N, _N * _N):
+        cts = [*good[:2], bad]
+        with pytest.raises(KeyHolderRefusal, match="ciphertext 2") as exc:
+            decode_decrypt_request(_body(_FUZZ_KEY.public_key, _FUZZ_KEY.key_id, cts), _FUZZ_STORE)
+        assert exc.value.status == 422
+    ok = decode_decrypt_request(_body(_FUZZ_KEY.public_key, _FUZZ_KEY.key_id, good), _FUZZ_STORE)
+    assert ok.ciphertexts == good
 
 
 def test_decoder_edge_cases() -> None:
