@@ -18,19 +18,27 @@ The key holder decrypts whatever sum it is given
 
 If the coordinator and the key holder collude
     (outside MISSION.md's assumption of non-colluding honest-but-curious parties) they can
-    decrypt every ciphertext the coordinator received. They then see each platform's *masked*
-    value. The masks are derived from pairwise secrets shared between platforms (each pair
-    agrees on a seed, one adds and the other subtracts its expansion), which neither
-    coordinator nor key holder knows. So colluding, they learn the totals over the
-    participant set (which they would learn anyway) and, per platform, values that are
-    uniformly random to them: they learn no single platform's contribution as long as at
-    least two participating platforms are honest (do not reveal their pairwise seeds) -- with
-    only one honest platform, its contribution is the total minus the colluders' own. Also
-    lost under collusion: the key holder's refusals (replay, too few participants) no longer
-    bind, because the coordinator can ask for anything; and if masking is ever skipped (a
-    bug, or a mask-free protocol step), collusion reveals every individual figure. Platforms
-    must therefore verify the key holder's signed announcement (``protocols.key_announcement``)
-    so that a coordinator alone cannot substitute a key pair of its own.
+    decrypt every ciphertext the coordinator received, so they see each platform's *masked*
+    value ``x_i + sum_j +-PRG(s_ij)``. The masks come from pairwise seeds ``s_ij`` agreed
+    between platforms, which neither coordinator nor key holder knows. Colluding, they learn:
+    the total over the participant set (which the coordinator learns anyway), and nothing
+    about any single honest platform's contribution as long as at least two participating
+    platforms are honest (keep their pairwise seeds to themselves). Platforms that join the
+    collusion reveal their seeds and their own values, so the colluders learn the *sum* of the
+    honest platforms' contributions; with only one honest participant left, that sum is its
+    contribution. Also lost under collusion: the key holder's refusals (replay, too few
+    participants) no longer bind, since the coordinator can ask for anything; and if masking
+    is ever skipped (a bug, or a mask-free protocol step) collusion reveals every individual
+    figure. Platforms must verify the key holder's signed announcement
+    (``protocols.key_announcement``) so that a coordinator alone cannot substitute a key pair
+    of its own.
+
+Does not protect (even without collusion)
+    Differencing across participant sets: a coordinator that obtains the sum for the same
+    borrowers over {A, B, C} and then over {B, C} learns A's figure by subtraction. The key
+    holder cannot see which borrowers a sum covers, so it cannot stop this; platforms must
+    answer only queries over the full enrolled platform set (or otherwise bound repeats).
+    ``min_participants`` (default 3, never below 2) only stops the crudest case.
 
 Refusals carry an HTTP-style status and a one-line reason (``KeyHolderRefusal``) and are
 logged; every decryption and every refusal of an authenticated request goes to a

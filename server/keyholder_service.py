@@ -144,7 +144,7 @@ def create_app(core: KeyHolderCore, token_sha256: str, *, max_inflight: int = 4)
         },
     )
     async def decrypt(request: Request, caller: str = Depends(authenticate)) -> DecryptResponse:
-        # A few requests at a time: each may carry ~100 MB and hours of CPU; the others wait.
+        # A few requests at a time: each may carry ~100 MB and minutes of CPU; the others wait.
         async with inflight:
             return await _decrypt(request, caller)
 
