@@ -205,7 +205,7 @@ def decode_decrypt_request(
     if len(set(names)) != len(names):
         raise KeyHolderRefusal("participants must be unique platform names", 422, "invalid")
     for name in names:
-        if not _PLATFORM_RE.match(name):
+        if not _PLATFORM_RE.fullmatch(name):
             raise KeyHolderRefusal(
                 f"participant name {name[:70]!r} is not a platform name ({PLATFORM_NAME})",
                 422,

@@ -576,7 +576,7 @@ def _record_from_doc(entry: dict[str, Any], key: bytes) -> KeyRecord:
 
 
 def _public_canonical(doc: dict[str, Any]) -> bytes:
-    """Everything but the seal (and the signing key's sealed blob), canonically encoded."""
+    """Everything but the seal itself (sealed blobs included), canonically encoded."""
     public = {k: v for k, v in doc.items() if k != "seal"}
     return json.dumps(public, sort_keys=True, separators=(",", ":")).encode()
 

@@ -437,6 +437,12 @@ def test_keystore_holds_no_private_factor_in_clear(tmp_path: Path, kind: str) ->
         assert format(int(rec.public_key.n), "x").encode() in data  # n is public, on file
     signing_raw = store._signing_raw()
     assert signing_raw not in data and signing_raw.hex().encode() not in data
+    shown = json.dumps(store.summary()).encode()  # what `show` prints
+    for rec in store.keys:
+        assert rec.private_key is not None
+        for factor in (int(rec.private_key.p), int(rec.private_key.q)):
+            assert not any(form in shown for form in _factor_forms(factor))
+    assert signing_raw.hex().encode() not in shown
     reopened = Keystore.open(path, secret)
     assert [k.key_id for k in reopened.keys] == [k.key_id for k in store.keys]
     assert reopened.verify_key_bytes == store.verify_key_bytes
@@ -648,11 +654,16 @@ def test_audit_log_is_tamper_evident(tmp_path: Path) -> None:
         verify_audit_log([lines[0], *lines[2:]])  # a deleted line
 
 
-def test_replay_guard_persists(tmp_path: Path) -> None:
+def test_replay_guard_persists_and_admits_one_of_concurrent_claims(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     now = dt.datetime.now(dt.UTC)
     guard = ReplayGuard(tmp_path / "q.sqlite")
     assert guard.claim("a" * 32, "k", now) and not guard.claim("a" * 32, "k", now)
     assert ReplayGuard(tmp_path / "q.sqlite").seen("a" * 32)
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(lambda _: guard.claim("b" * 32, "k", now), range(16)))
+    assert wins.count(True) == 1
 
 
 # ------------------------------------------------------------------ fuzzing the decoder
@@ -745,6 +756,9 @@ def test_decoder_names_the_bad_index() -> None:
         assert exc.value.status == 422
     ok = decode_decrypt_request(_body(_FUZZ_KEY.public_key, _FUZZ_KEY.key_id, good), _FUZZ_STORE)
     assert ok.ciphertexts == good
+    sneaky = _body(_FUZZ_KEY.public_key, _FUZZ_KEY.key_id, good, participants=["p1\n", "p2", "p3"])
+    with pytest.raises(KeyHolderRefusal, match="not a platform name"):
+        decode_decrypt_request(sneaky, _FUZZ_STORE)
 
 
 def test_decoder_edge_cases() -> None:
