@@ -118,8 +118,10 @@ def _decode_plaintexts(pk: PaillierPublicKey, data: str, count: int) -> list[int
 class KeyHolderClient(KeyHolderAPI):
     """HTTP(S) client of ``fedcredit keyholder serve``.
 
-    ``verify_key`` (the pinned Ed25519 key, optional): when given, announcements fetched are
-    verified before use. ``ca_file``: trust this CA for TLS (https URLs).
+    ``verify_key`` (the pinned Ed25519 key, optional): when given, ``announcement()``
+    verifies what it returns. ``ca_file``: trust this CA for TLS (https URLs). ``timeout``:
+    seconds to wait for an answer; a maximal batch (100,000 ciphertexts) takes minutes to
+    decrypt, so the default is generous, while connecting gives up after 10 s.
     """
 
     def __init__(
@@ -127,7 +129,7 @@ class KeyHolderClient(KeyHolderAPI):
         base_url: str,
         token: str,
         *,
-        timeout: float = 60.0,
+        timeout: float = 600.0,
         ca_file: Path | str | None = None,
         verify_key: bytes | None = None,
         allow_insecure_test_size: bool = False,
@@ -138,7 +140,7 @@ class KeyHolderClient(KeyHolderAPI):
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}"},
-            timeout=timeout,
+            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             verify=verify,
         )
         self.verify_key = verify_key
@@ -184,9 +186,11 @@ class KeyHolderClient(KeyHolderAPI):
         """
         try:
             ann = KeyAnnouncement.from_bytes(base64.b64decode(item["announcement"], validate=True))
-            pk = public_key_from_bytes(ann.public_key, allow_insecure_test_size=True)
+            pk = public_key_from_bytes(
+                ann.public_key, allow_insecure_test_size=self.allow_insecure_test_size
+            )
         except (AnnouncementError, KeyError, TypeError, binascii.Error, ValueError) as exc:
-            raise KeyHolderUnavailable(f"key holder sent a malformed announcement: {exc}") from None
+            raise KeyHolderUnavailable(f"key holder sent an unusable announcement: {exc}") from None
         self._keys[ann.key_id] = pk
         return ann
 
@@ -217,9 +221,9 @@ class KeyHolderClient(KeyHolderAPI):
     def health(self) -> dict[str, Any]:
         try:
             resp = self._http.get("/v1/health")
-        except httpx.HTTPError as exc:
+            return dict(resp.json())
+        except (httpx.HTTPError, ValueError, TypeError) as exc:
             raise KeyHolderUnavailable(f"key holder {self._http.base_url}: {exc}") from None
-        return resp.json()
 
     def _public_key(self, key_id: str) -> PaillierPublicKey:
         if key_id not in self._keys:

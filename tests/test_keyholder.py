@@ -274,7 +274,10 @@ def test_replayed_query_is_refused_also_after_a_restart(tmp_path: Path) -> None:
     # A new process on the same keystore still remembers the query id; a small --max-count
     # also lets us check that an oversized body is refused before it is parsed.
     with _start(ks, "--max-count", "4") as running:
-        with running.client() as client, pytest.raises(KeyHolderRefusal, match="already") as exc:
+        with (
+            running.client(allow_insecure_test_size=True) as client,
+            pytest.raises(KeyHolderRefusal, match="already") as exc,
+        ):
             client.decrypt_sums(ann.key_id, qid, PLATFORMS, _encrypted_sum(pk, [[2]] * 3))
         assert exc.value.status == 409
         r = httpx.post(
@@ -524,7 +527,7 @@ def test_keystore_tampering_and_cli_misuse(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "at least 2" in proc.stderr
     # init's token works for serve without --token-file.
     running = start_keyholder_process(ks, ["--key-file", str(key_file)], env=_env(), token=token)
-    with running, running.client() as client:
+    with running, running.client(allow_insecure_test_size=True) as client:
         assert client.announcement().key_id == info["active_key_id"]
 
 
