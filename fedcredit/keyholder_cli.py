@@ -95,7 +95,7 @@ def _bits_arguments(parser: argparse.ArgumentParser, default: int | None) -> Non
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--keystore", required=True, help="the keystore file")
+    parser.add_argument("--keystore", required=True, metavar="F", help="the keystore file")
     add_secret_arguments(parser)
     parser.add_argument(
         "--listen",
@@ -103,9 +103,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="address to bind (port 0: pick a free port); default 127.0.0.1:8470",
     )
-    parser.add_argument("--port-file", help="write the bound port here once listening")
+    parser.add_argument("--port-file", metavar="F", help="write the bound port here once listening")
     parser.add_argument(
         "--token-file",
+        metavar="F",
         help="file holding the bearer token (default: the token hash stored by init)",
     )
     parser.add_argument(
@@ -114,8 +115,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-count", type=int, default=100_000, help="most ciphertexts in one request"
     )
-    parser.add_argument("--tls-cert", help="PEM certificate chain (enables HTTPS)")
-    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-cert", metavar="F", help="PEM certificate chain (enables HTTPS)")
+    parser.add_argument("--tls-key", metavar="F", help="PEM private key of --tls-cert")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

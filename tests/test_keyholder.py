@@ -531,6 +531,43 @@ def test_keystore_tampering_and_cli_misuse(tmp_path: Path) -> None:
         assert client.announcement().key_id == info["active_key_id"]
 
 
+def test_cli_commands_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command functions as ``fedcredit.cli`` will call them (``register`` + ``func``)."""
+    from fedcredit import keyholder_cli
+
+    ks, pw = tmp_path / "ks.json", tmp_path / "pass.txt"
+    pw.write_text(PASSPHRASE + "\n")
+    secret = ["--passphrase-file", str(pw)]
+    assert (
+        keyholder_cli.main(["keyholder", "init", "--keystore", str(ks), *secret, *TEST_BITS]) == 0
+    )
+    capsys.readouterr()
+    assert keyholder_cli.main(["keyholder", "show", "--keystore", str(ks), *secret, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["verified"] is True and len(shown["keys"]) == 1
+    assert (
+        keyholder_cli.main(
+            ["keyholder", "retire", "--keystore", str(ks), *secret, "--key-id", "0" * 16]
+        )
+        == 2
+    )
+    assert "no key 0000000000000000" in capsys.readouterr().err
+    assert (
+        keyholder_cli.main(
+            ["keyholder", "serve", "--keystore", str(ks), *secret, "--listen", "nonsense"]
+        )
+        == 2
+    )
+    assert "--listen must be HOST:PORT" in capsys.readouterr().err
+    assert (
+        keyholder_cli.main(
+            ["keyholder", "serve", "--keystore", str(ks), *secret, "--listen", "127.0.0.1:0"]
+        )
+        == 2
+    )  # init made no token
+    assert "no bearer token" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- the announcements
 
 
