@@ -21,9 +21,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
+from clients import matching
+from clients.node_identity import NodeFiles, NodeIdentity, node_identity, register_files
 from clients.platform_data import PlatformData, load_platform_data
 from clients.query_log import QueryLog
+from clients.received_totals import store_received_totals
+from protocols import blinding, delivery
 from protocols import messages as m
+from protocols.masking import MaskContext, MaskError, add_masks, pairwise_secret, platform_mask
 from protocols.metrics import ScoreHistogram
 from protocols.model import (
     TrainConfig,
@@ -33,12 +38,8 @@ from protocols.model import (
     scheduled_lr,
     train_local,
 )
-from protocols.packing import DEBT_PROFILE_LAYOUT
-from protocols.paillier import (
-    ciphertexts_to_bytes,
-    encrypt_plaintexts,
-    public_key_from_bytes,
-)
+from protocols.packing import debt_profile_layout
+from protocols.paillier import ciphertexts_to_bytes, encrypt_plaintexts
 from protocols.scaling import FeatureSums, Scaler
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,36 @@ ERROR_FAILED = 2  # the platform could not answer (ledger problem, missing total
 Handler = Callable[[Message, Context, PlatformData], RecordDict]
 
 
+def _partition(context: Context, count: int, what: str) -> int:
+    pid = context.node_config.get("partition-id")
+    if pid is None or not 0 <= int(pid) < count:
+        raise LookupError(f"no {what} for simulated partition {pid!r} ({count} given)")
+    return int(pid)
+
+
 def _ledger_location(context: Context, ledgers: Sequence[str] | None) -> str:
     location = context.node_config.get("ledger")
     if isinstance(location, str) and location:
         return location
     if ledgers:
-        pid = context.node_config.get("partition-id")
-        if pid is None or not 0 <= int(pid) < len(ledgers):
-            raise LookupError(f"no ledger for simulated partition {pid!r} ({len(ledgers)} given)")
-        return ledgers[int(pid)]
+        return ledgers[_partition(context, len(ledgers), "ledger")]
     raise LookupError("this node has no ledger: start it with --node-config 'ledger=\"PATH\"'")
+
+
+def _node_files(
+    context: Context, identities: Sequence[str] | None, roster: str | None
+) -> NodeFiles:
+    """The identity and roster paths from the node config, or the simulation's lists."""
+    identity = context.node_config.get("identity")
+    pinned = context.node_config.get("roster")
+    if not (isinstance(identity, str) and identity) and identities:
+        identity = identities[_partition(context, len(identities), "identity")]
+    if not (isinstance(pinned, str) and pinned):
+        pinned = roster
+    return NodeFiles(
+        identity=identity if isinstance(identity, str) else None,
+        roster=pinned if isinstance(pinned, str) else None,
+    )
 
 
 TOTALS_STATE = "fedcredit.totals"
@@ -150,9 +171,94 @@ def _evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     )
 
 
-def _applicants(msg: Message, _ctx: Context, data: PlatformData) -> RecordDict:
-    m.ApplicantsRequest.from_content(msg.content, "query.applicants")
-    return m.Applicants(tokens=m.tokens_to_bytes(data.features.tokens)).to_content()
+def _audit(data: PlatformData) -> QueryLog:
+    return QueryLog(data.location)
+
+
+def _refuse_replay(audit: QueryLog, query_id: str, kind: str) -> None:
+    if audit.answered(query_id):
+        audit.append(query_id, kind, "refused", {"reason": "replayed id"})
+        raise m.ProtocolError(f"query.{kind}: id {query_id} already answered (replay)")
+
+
+def _check_participants(node: NodeIdentity, participants: tuple[str, ...], what: str) -> None:
+    if node.name not in participants:
+        raise m.ProtocolError(f"{what}: this platform ({node.name}) is not a participant")
+    unknown = [p for p in participants if p not in node.roster.platforms]
+    if unknown:
+        raise m.ProtocolError(f"{what}: participants not enrolled in this platform's roster: {unknown}")
+
+
+def _match_start(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    req = m.MatchStart.from_content(msg.content, "query.match_start")
+    node = node_identity(ctx, data)
+    _check_participants(node, req.participants, "query.match_start")
+    audit = _audit(data)
+    try:
+        _refuse_replay(audit, req.session_id, "match_start")
+        session, blob = matching.start_session(
+            ctx, req.session_id, req.participants, data.features.tokens
+        )
+        audit.append(
+            req.session_id,
+            "match_start",
+            "answered",
+            {"participants": list(req.participants), "elements": len(session.perm)},
+        )
+    finally:
+        audit.close()
+    return m.MatchElements(
+        session_id=req.session_id, origin=node.name, count=len(session.perm), elements=blob
+    ).to_content()
+
+
+def _match_blind(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    what = "query.match_blind"
+    req = m.MatchBlind.from_content(msg.content, what)
+    node = node_identity(ctx, data)
+    session = matching.load_session(ctx, req.session_id, what)
+    if req.origin == node.name:
+        raise m.ProtocolError(f"{what}: refusing to re-blind this platform's own list")
+    if req.origin not in session.participants:
+        raise m.ProtocolError(f"{what}: {req.origin} is not a participant of the session")
+    if req.origin in session.reblinded:
+        raise m.ProtocolError(f"{what}: {req.origin}'s list was already re-blinded (replay)")
+    try:
+        elements = blinding.elements_from_bytes(
+            req.elements, max_count=m.MAX_ELEMENTS_PER_LIST, what=what
+        )
+        out = blinding.blind(session.secret, elements, workers=_crypto_workers(ctx))
+    except blinding.InvalidGroupElement as exc:
+        raise m.ProtocolError(f"{what}: {exc}") from exc
+    session.reblinded.append(req.origin)
+    matching.save_session(ctx, session)
+    return m.MatchElements(
+        session_id=req.session_id,
+        origin=req.origin,
+        count=len(out),
+        elements=blinding.elements_to_bytes(out),
+    ).to_content()
+
+
+def _match_done(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    what = "query.match_done"
+    req = m.MatchDone.from_content(msg.content, what)
+    session = matching.load_session(ctx, req.session_id, what)
+    if session.fully:
+        raise m.ProtocolError(f"{what}: session {req.session_id} is already finished")
+    if req.count != len(session.perm):
+        raise m.ProtocolError(f"{what}: {req.count} elements for a list of {len(session.perm)}")
+    try:
+        elements = blinding.elements_from_bytes(
+            req.elements, max_count=m.MAX_ELEMENTS_PER_LIST, what=what
+        )
+    except blinding.InvalidGroupElement as exc:
+        raise m.ProtocolError(f"{what}: {exc}") from exc
+    if len(set(elements)) != len(elements):
+        raise m.ProtocolError(f"{what}: the fully blinded list has repeated elements")
+    session.fully = req.elements
+    matching.save_session(ctx, session)
+    return m.Ack(stored=req.count).to_content()
 
 
 def _crypto_workers(context: Context) -> int | None:
@@ -161,63 +267,132 @@ def _crypto_workers(context: Context) -> int | None:
 
 
 def _debt_profile(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
-    req = m.DebtProfileRequest.from_content(msg.content, "query.debt_profile")
+    what = "query.debt_profile"
+    req = m.DebtProfileRequest.from_content(msg.content, what)
+    node = node_identity(ctx, data)
+    _check_participants(node, req.participants, what)
+    session = matching.load_session(ctx, req.session_id, what)
+    strangers = [p for p in req.participants if p not in session.participants]
+    if strangers:
+        raise m.ProtocolError(f"{what}: {strangers} did not take part in the matching session")
+    public_key = node.verify_key_announcement(req.announcement, req.key_id, what)
+    audit = _audit(data)
     try:
-        public_key = public_key_from_bytes(req.public_key, allow_insecure_test_size=False)
-    except ValueError as exc:
-        raise m.ProtocolError(f"query.debt_profile: public key refused: {exc}") from exc
-    audit = QueryLog(data.location)
-    try:
-        tokens_digest = hashlib.sha256(req.tokens).hexdigest()
-        if audit.answered(req.query_id):
-            audit.append(req.query_id, "debt_profile", "refused", {"reason": "replayed query id"})
-            raise m.ProtocolError(f"query.debt_profile: query id {req.query_id} already answered")
-        tokens = m.tokens_from_bytes(req.tokens)
-        values = data.profile_matrix(tokens)
-        key_bits = public_key.n.bit_length()
-        plaintexts = DEBT_PROFILE_LAYOUT.pack(values, key_bits)
-        ciphertexts = encrypt_plaintexts(public_key, plaintexts, workers=_crypto_workers(ctx))
+        _refuse_replay(audit, req.query_id, "debt_profile")
+        try:
+            elements = blinding.elements_from_bytes(
+                req.elements, max_count=m.MAX_TOKENS_PER_BATCH, what=what
+            )
+        except blinding.InvalidGroupElement as exc:
+            raise m.ProtocolError(f"{what}: {exc}") from exc
+        rows = matching.own_rows(ctx, session)
+        values = data.profile_rows([rows.get(e, -1) for e in elements])
+        n = int(public_key.n)
+        layout = debt_profile_layout(len(req.participants))
+        plaintexts = layout.pack(values, n.bit_length())
+        mask_ctx = MaskContext(
+            session_id=req.session_id,
+            query_id=req.query_id,
+            participants=req.participants,
+            key_id=req.key_id,
+            count=len(plaintexts),
+            modulus=n,
+        )
+        try:
+            masks = platform_mask(node.name, node.agreement_key, node.roster_agreement_keys, mask_ctx)
+        except MaskError as exc:
+            raise m.ProtocolError(f"{what}: {exc}") from exc
+        masked = add_masks(plaintexts, masks, n)
+        ciphertexts = encrypt_plaintexts(public_key, masked, workers=_crypto_workers(ctx))
         blob = ciphertexts_to_bytes(public_key, ciphertexts)
         audit.append(
             req.query_id,
             "debt_profile",
             "answered",
             {
-                "tokens": len(tokens),
-                "tokens_sha256": tokens_digest,
+                "session_id": req.session_id,
+                "participants": list(req.participants),
+                "key_id": req.key_id,
+                "elements": len(elements),
+                "elements_sha256": hashlib.sha256(req.elements).hexdigest(),
                 "ciphertexts": len(ciphertexts),
                 "reply_sha256": hashlib.sha256(blob).hexdigest(),
-                "key_bits": key_bits,
             },
         )
     finally:
         audit.close()
     return m.DebtProfileReply(
-        query_id=req.query_id, count=len(ciphertexts), ciphertexts=blob
+        query_id=req.query_id, key_id=req.key_id, count=len(ciphertexts), ciphertexts=blob
     ).to_content()
 
 
 def _totals(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
-    req = m.TotalsDelivery.from_content(msg.content, "query.totals")
+    what = "query.totals"
+    req = m.TotalsDelivery.from_content(msg.content, what)
+    node = node_identity(ctx, data)
+    session = matching.load_session(ctx, req.session_id, what)
+    if node.name not in req.contributors:
+        raise m.ProtocolError(f"{what}: totals that do not include this platform's own figures")
+    strangers = [p for p in req.contributors if p not in session.participants]
+    if strangers:
+        raise m.ProtocolError(f"{what}: contributors {strangers} were not in the session")
+    if req.count != len(session.perm):
+        raise m.ProtocolError(f"{what}: {req.count} rows for a list of {len(session.perm)}")
+    delivery_key = node.delivery_key(req.announcement, req.key_id, what)
+    where = np.frombuffer(req.rows, dtype="<i4").reshape(req.count, 2).astype(np.int64)
+    if req.count and (where[:, 0].min() < 0 or where[:, 0].max() >= len(req.batches)):
+        raise m.ProtocolError(f"{what}: a row names a batch that is not listed")
+    in_sent_order = np.zeros((req.count, m.PROFILE_FIELDS), dtype=np.int64)
+    sealed = np.frombuffer(req.sealed, dtype=np.uint8).reshape(req.count, delivery.ROW_BYTES)
+    shared = pairwise_secret(node.agreement_key, delivery_key)
     try:
-        data.cross_features(req.tokens, req.totals)
+        for b, batch in enumerate(req.batches):
+            picked = np.flatnonzero(where[:, 0] == b)
+            if not len(picked):
+                continue
+            stream = delivery.delivery_stream(
+                shared, batch.query_id, req.key_id, node.name, batch.size
+            )
+            in_sent_order[picked] = delivery.open_rows(
+                sealed[picked].tobytes(), where[picked, 1].tolist(), stream
+            )
+    except delivery.DeliveryError as exc:
+        raise m.ProtocolError(f"{what}: {exc}") from exc
+    totals = np.zeros_like(in_sent_order)
+    totals[session.perm] = in_sent_order
+    token_blob = m.tokens_to_bytes(data.features.tokens)
+    totals_blob = m.ints_to_bytes(totals)
+    try:
+        data.cross_features(token_blob, totals_blob)
     except (LookupError, ValueError) as exc:
-        raise m.ProtocolError(f"query.totals: {exc}") from exc
+        raise m.ProtocolError(f"{what}: {exc}") from exc
+    store_received_totals(data, req.session_id, list(req.contributors), totals)
     ctx.state.config_records[TOTALS_STATE] = ConfigRecord(
-        {"tokens": req.tokens, "totals": req.totals}
+        {"tokens": token_blob, "totals": totals_blob}
     )
-    return m.Ack(stored=len(req.tokens) // m.TOKEN_BYTES).to_content()
+    return m.Ack(stored=req.count).to_content()
 
 
-def build_client_app(ledgers: Sequence[str] | None = None) -> ClientApp:
-    """The platform's ClientApp; ``ledgers`` only for the simulation engine (by partition)."""
-    app = ClientApp()
+def build_client_app(
+    ledgers: Sequence[str] | None = None,
+    identities: Sequence[str] | None = None,
+    roster: str | None = None,
+    mods: Sequence[Callable[..., Message]] | None = None,
+) -> ClientApp:
+    """The platform's ClientApp.
+
+    ``ledgers`` and ``identities`` (by partition id) and ``roster`` only for the simulation
+    engine, whose nodes have no node config; ``mods`` are Flower mods (the test suite's wire
+    recorder, for one).
+    """
+    app = ClientApp(mods=list(mods or []))
 
     def serve(handler: Handler) -> Callable[[Message, Context], Message]:
         def run(msg: Message, context: Context) -> Message:
             what = msg.metadata.message_type
             try:
                 location = _ledger_location(context, ledgers)
+                register_files(location, _node_files(context, identities, roster))
                 data = load_platform_data(location)
                 return Message(handler(msg, context, data), reply_to=msg)
             except m.ProtocolError as exc:
@@ -236,7 +411,9 @@ def build_client_app(ledgers: Sequence[str] | None = None) -> ClientApp:
     app.query("feature_stats")(serve(_feature_stats))
     app.train()(serve(_train))
     app.evaluate()(serve(_evaluate))
-    app.query("applicants")(serve(_applicants))
+    app.query("match_start")(serve(_match_start))
+    app.query("match_blind")(serve(_match_blind))
+    app.query("match_done")(serve(_match_done))
     app.query("debt_profile")(serve(_debt_profile))
     app.query("totals")(serve(_totals))
     return app

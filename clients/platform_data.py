@@ -110,6 +110,14 @@ class PlatformData:
             raise ValueError("delivered totals are below this platform's own figures")
         return with_cross_platform(self.features, full)
 
+    def profile_rows(self, rows: list[int]) -> np.ndarray:
+        """Own (debt, active loans, has-active) per ledger row; zeros where the row is -1."""
+        idx = np.asarray(rows, dtype=np.int64)
+        out = np.zeros((len(idx), 3), dtype=np.int64)
+        held = idx >= 0
+        out[held] = self.profiles[idx[held]]
+        return out
+
     def profile_matrix(self, tokens: list[str]) -> np.ndarray:
         """Own (debt, active loans, has-active) per asked token; zeros where not held."""
         out = np.zeros((len(tokens), 3), dtype=np.int64)

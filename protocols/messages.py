@@ -33,12 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 TOKEN_BYTES = 32
 MAX_TOKENS_PER_BATCH = 50_000
-MAX_TOKENS_PER_DELIVERY = 5_000_000
+MAX_ELEMENTS_PER_LIST = 5_000_000
+MAX_PARTICIPANTS = 64
+ELEMENT_BYTES = 32
 MAX_FEATURES = 512
 PAYLOAD_KEY = "payload"
 SERVER_ROUND = "server-round"
 PROFILE_FIELDS = 3  # total debt (fen), active loans, platforms with an active loan
-DEBT_PROFILE_LAYOUT_ID = "debt-profile/v1"
+DEBT_PROFILE_LAYOUT_ID = "debt-profile/v2"
 QUERY_ID = re.compile(r"^[0-9a-f]{32}$")
 
 FeatureName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -214,64 +216,142 @@ class ModelInstructions(_FeatureSpec):
         return self
 
 
-class ApplicantsRequest(Payload):
-    pass
+PlatformName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Participants = Annotated[tuple[PlatformName, ...], Field(min_length=2, max_length=MAX_PARTICIPANTS)]
 
 
-class Applicants(BinaryPayload):
-    BINARY_FIELDS = ("tokens",)
-    tokens: bytes
+def _unique(names: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(names)) != len(names):
+        raise ValueError(f"participants are not unique: {sorted(names)}")
+    return names
+
+
+def _whole_elements(blob: bytes, count: int, limit: int) -> None:
+    if count > limit:
+        raise ValueError(f"{count} elements exceed the limit of {limit}")
+    if len(blob) != count * ELEMENT_BYTES:
+        raise ValueError(
+            f"element block of {len(blob)} bytes does not hold {count} elements of "
+            f"{ELEMENT_BYTES} bytes"
+        )
+
+
+class MatchStart(Payload):
+    """Opens a private-matching session over a fixed participant set."""
+
+    session_id: str = Field(pattern=QUERY_ID.pattern)
+    participants: Participants
 
     @model_validator(mode="after")
-    def _whole_tokens(self) -> Self:
-        if len(self.tokens) % TOKEN_BYTES:
-            raise ValueError(f"token block is not a multiple of {TOKEN_BYTES} bytes")
-        if len(self.tokens) > MAX_TOKENS_PER_DELIVERY * TOKEN_BYTES:
-            raise ValueError("too many tokens")
+    def _check(self) -> Self:
+        _unique(self.participants)
+        return self
+
+
+class MatchElements(BinaryPayload):
+    """A list of blinded identifiers: a platform's own (start) or one it re-blinded."""
+
+    BINARY_FIELDS = ("elements",)
+    session_id: str = Field(pattern=QUERY_ID.pattern)
+    origin: PlatformName
+    count: int = Field(ge=0)
+    elements: bytes
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _whole_elements(self.elements, self.count, MAX_ELEMENTS_PER_LIST)
+        return self
+
+
+class MatchBlind(MatchElements):
+    """Asks a platform to apply its session secret to another platform's blinded list."""
+
+    step: int = Field(ge=1, le=MAX_PARTICIPANTS)
+
+
+class MatchDone(BinaryPayload):
+    """A platform's own list, now blinded by every participant, in the order it sent it."""
+
+    BINARY_FIELDS = ("elements",)
+    session_id: str = Field(pattern=QUERY_ID.pattern)
+    count: int = Field(ge=0)
+    elements: bytes
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _whole_elements(self.elements, self.count, MAX_ELEMENTS_PER_LIST)
         return self
 
 
 class DebtProfileRequest(BinaryPayload):
-    """One batch of the encrypted debt-profile query."""
+    """One batch of the encrypted debt-profile query, over fully blinded identifiers.
 
-    BINARY_FIELDS = ("public_key", "tokens")
+    ``participants`` is the query's fixed participant set: every platform masks its
+    plaintexts so that the masks cancel only in the sum over exactly this set, and packs
+    with headroom for exactly this many contributors. ``announcement`` is the key holder's
+    signed statement of the Paillier key (its id, the key, its expiry); platforms verify it
+    against the key holder's signing key pinned in their roster.
+    """
+
+    BINARY_FIELDS = ("announcement", "elements")
     query_id: str = Field(pattern=QUERY_ID.pattern)
-    layout: Literal["debt-profile/v1"] = DEBT_PROFILE_LAYOUT_ID
-    public_key: bytes = Field(min_length=64, max_length=1024)
-    tokens: bytes = Field(min_length=TOKEN_BYTES, max_length=MAX_TOKENS_PER_BATCH * TOKEN_BYTES)
+    session_id: str = Field(pattern=QUERY_ID.pattern)
+    layout: Literal["debt-profile/v2"] = DEBT_PROFILE_LAYOUT_ID
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    participants: Participants
+    count: int = Field(ge=1, le=MAX_TOKENS_PER_BATCH)
+    announcement: bytes = Field(min_length=1, max_length=8192)
+    elements: bytes
 
     @model_validator(mode="after")
-    def _whole_tokens(self) -> Self:
-        if len(self.tokens) % TOKEN_BYTES:
-            raise ValueError(f"token block is not a multiple of {TOKEN_BYTES} bytes")
+    def _check(self) -> Self:
+        _unique(self.participants)
+        _whole_elements(self.elements, self.count, MAX_TOKENS_PER_BATCH)
         return self
-
-    @property
-    def token_count(self) -> int:
-        return len(self.tokens) // TOKEN_BYTES
 
 
 class DebtProfileReply(BinaryPayload):
     BINARY_FIELDS = ("ciphertexts",)
     query_id: str = Field(pattern=QUERY_ID.pattern)
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
     count: int = Field(ge=1)
     ciphertexts: bytes
 
 
-class TotalsDelivery(BinaryPayload):
-    """Decrypted totals for the receiving platform's own borrowers (and nobody else's)."""
+class DeliveryBatch(Payload):
+    query_id: str = Field(pattern=QUERY_ID.pattern)
+    size: int = Field(ge=1, le=MAX_TOKENS_PER_BATCH)
 
-    BINARY_FIELDS = ("tokens", "totals")
-    tokens: bytes
-    totals: bytes
+
+class TotalsDelivery(BinaryPayload):
+    """Totals for the receiving platform's own borrowers, sealed by the key holder.
+
+    Row ``i`` belongs to element ``i`` of the list the platform got back in
+    ``query.match_done``; no identifier travels with it. ``rows`` gives, per row, the batch
+    (index into ``batches``) and the position within that batch, as two little-endian int32;
+    ``sealed`` the 24 sealed bytes of the row (``protocols.delivery``), which only this
+    platform and the key holder can open. ``contributors`` names the platforms whose figures
+    the totals include; ``announcement`` is the key holder's signed key statement, whose
+    delivery key the platform needs to open the rows.
+    """
+
+    BINARY_FIELDS = ("announcement", "rows", "sealed")
+    session_id: str = Field(pattern=QUERY_ID.pattern)
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    count: int = Field(ge=0, le=MAX_ELEMENTS_PER_LIST)
+    contributors: Participants
+    batches: list[DeliveryBatch] = Field(max_length=MAX_ELEMENTS_PER_LIST)
+    announcement: bytes = Field(min_length=1, max_length=8192)
+    rows: bytes
+    sealed: bytes
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:
-        if len(self.tokens) % TOKEN_BYTES:
-            raise ValueError(f"token block is not a multiple of {TOKEN_BYTES} bytes")
-        n = len(self.tokens) // TOKEN_BYTES
-        if len(self.totals) != n * PROFILE_FIELDS * 8:
-            raise ValueError(f"totals block has {len(self.totals)} bytes for {n} tokens")
+        _unique(self.contributors)
+        if len(self.rows) != self.count * 8:
+            raise ValueError(f"rows block has {len(self.rows)} bytes for {self.count} rows")
+        if len(self.sealed) != self.count * PROFILE_FIELDS * 8:
+            raise ValueError(f"sealed block has {len(self.sealed)} bytes for {self.count} rows")
         return self
 
 

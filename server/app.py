@@ -14,12 +14,16 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import run_federation
+from server.keyholder_client import KeyHolderAPI
 from server.settings import FederationSettings
 
 log = logging.getLogger(__name__)
 
 
-def build_server_app(overrides: Mapping[str, object] | None = None) -> ServerApp:
+def build_server_app(
+    overrides: Mapping[str, object] | None = None, keyholder: KeyHolderAPI | None = None
+) -> ServerApp:
+    """The ServerApp; ``keyholder`` replaces the run config's key holder service (tests)."""
     app = ServerApp()
 
     @app.main()
@@ -27,7 +31,7 @@ def build_server_app(overrides: Mapping[str, object] | None = None) -> ServerApp
         settings = FederationSettings.from_run_config(
             {**dict(context.run_config), **dict(overrides or {})}
         )
-        summary = run_federation(grid, settings)
+        summary = run_federation(grid, settings, keyholder)
         log.info(
             "federation finished: %s",
             {k: summary.get(k) for k in ("federated", "federated_cross_platform", "queries")},

@@ -91,10 +91,11 @@ def save_model(
     return {"weights": str(weights), "metadata": str(meta_path)}
 
 
-def write_totals(path: Path, tokens: list[str], totals: np.ndarray) -> Path:
+def write_blinded_totals(path: Path, elements: list[bytes], totals: np.ndarray) -> Path:
+    """Totals by fully blinded identifier: pseudonyms of this matching session only."""
     table = pa.table(
         {
-            "token": pa.array(tokens, pa.string()),
+            "blinded_id": pa.array([e.hex() for e in elements], pa.string()),
             "total_debt_fen": pa.array(totals[:, 0], pa.int64()),
             "active_loans": pa.array(totals[:, 1], pa.int64()),
             "lenders": pa.array(totals[:, 2], pa.int64()),

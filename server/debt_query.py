@@ -1,11 +1,19 @@
-"""The coordinator's side of the encrypted debt-profile query.
+"""The coordinator's side of the encrypted debt-profile query over blinded identifiers.
 
-For a batch of applicant tokens, every platform returns Paillier ciphertexts of packed
-(debt in fen, active loans, has-active-loan) slots, with zero slots for tokens it does not
-hold; every reply therefore has the same size whoever holds whom. The coordinator checks each
-reply (right query id, right number of ciphertexts, every ciphertext a valid element of the
-key's ciphertext space), multiplies the ciphertexts (adds the plaintexts), and asks the key
-holder to decrypt only the sums. It sees ciphertexts and totals, never one platform's figure.
+For a batch of fully blinded identifiers (from private matching), every participant returns
+Paillier ciphertexts of its packed (debt in fen, active loans, has-active-loan) slots, zero
+slots for identifiers it does not hold, and a mask added to every plaintext; the masks
+cancel modulo n only in the sum over the query's whole participant set. The coordinator
+checks each reply (query id, key id, ciphertext count, every ciphertext a unit below n²),
+multiplies the ciphertexts (adds the plaintexts) and asks the key holder, a separate
+service, to decrypt the sums. It never holds a private key, and a single reply, or any sum
+over a strict subset of the participants, decrypts to uniform noise.
+
+Dropouts: the participant set is fixed per query. A platform that fails or does not answer
+within the query timeout is dropped and the whole query is run again, with fresh query ids
+(and so fresh masks), over the platforms still alive, as long as at least
+``min_participants`` remain. A total is therefore never a mix of two participant sets, and
+every answer names the platforms whose figures it includes.
 """
 
 from __future__ import annotations
@@ -17,24 +25,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from protocols import messages as m
+from protocols.packing import SlotOverflowError, debt_profile_layout
 from protocols.paillier import (
     InvalidCiphertext,
+    PaillierPublicKey,
     add_ciphertexts,
     ciphertext_width,
     ciphertexts_from_bytes,
+    public_key_from_bytes,
 )
 from server import progress
-from server.keyholder import KeyHolder
+from server.keyholder_client import KeyHolderAPI, KeyHolderRefusal
+from server.matching import MatchResult, PlatformsFailed, exchange
 
 log = logging.getLogger(__name__)
 
 
 class QueryFailed(RuntimeError):
-    """A batch could not be answered by every platform; no partial totals are released."""
+    """The query could not be answered; no partial or mixed totals are released."""
 
 
 @dataclass
@@ -45,16 +57,22 @@ class QueryStats:
     bytes_received: int = 0
     bytes_sent: int = 0
     seconds: float = 0.0
+    attempts: int = 0
     batch_seconds: list[float] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(
+        default_factory=lambda: {"platforms": 0.0, "aggregation": 0.0, "decryption": 0.0}
+    )
 
     def to_dict(self) -> dict[str, object]:
         return {
             "count": self.tokens,
             "batches": self.batches,
+            "attempts": self.attempts,
             "ciphertexts": self.ciphertexts,
             "bytes_received": self.bytes_received,
             "bytes_sent": self.bytes_sent,
             "seconds": round(self.seconds, 2),
+            "stage_seconds": {k: round(v, 2) for k, v in self.stage_seconds.items()},
             "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds else None,
             "median_batch_seconds": round(float(np.median(self.batch_seconds)), 3)
             if self.batch_seconds
@@ -62,87 +80,186 @@ class QueryStats:
         }
 
 
-def _reply_ciphertexts(
-    reply: Message, node: int, query_id: str, expected: int, keyholder: KeyHolder
-) -> list[int]:
-    if reply.has_error():
-        raise QueryFailed(f"platform node {node} did not answer: {reply.error.reason}")
-    try:
-        body = m.DebtProfileReply.from_content(reply.content, f"debt_profile reply from {node}")
-    except m.ProtocolError as exc:
-        raise QueryFailed(str(exc)) from exc
-    if body.query_id != query_id:
-        raise QueryFailed(f"node {node} answered query {body.query_id}, expected {query_id}")
-    if body.count != expected:
-        raise QueryFailed(f"node {node} sent {body.count} ciphertexts, expected {expected}")
-    try:
-        return ciphertexts_from_bytes(keyholder.public_key, body.ciphertexts, expected)
-    except InvalidCiphertext as exc:
-        raise QueryFailed(f"node {node} sent an invalid ciphertext: {exc}") from exc
+@dataclass
+class QueryAnswer:
+    """The answer over ``elements``: clear totals, or totals sealed for each contributor.
+
+    ``sealed[name]`` is, in element order, 24 bytes per element that only platform ``name``
+    (and the key holder) can open; ``batches`` lists each batch's query id and size, which a
+    platform needs to open its rows.
+    """
+
+    totals: np.ndarray | None  # (elements, 3): total debt fen, active loans, lenders
+    sealed: dict[str, bytes]
+    batches: list[tuple[str, int]]
+    contributors: tuple[str, ...]
+    dropped: dict[str, str]
+    key: QueryKey
+    stats: QueryStats
+    elements: list[bytes]
 
 
 @dataclass
-class BatchResult:
-    totals: np.ndarray  # (tokens, 3)
-    ciphertexts: int  # received, over all platforms
-    bytes_sent: int
-    bytes_received: int
+class QueryKey:
+    """The Paillier key of a query: the key holder's signed announcement, checked once."""
+
+    key_id: str
+    announcement: bytes
+    public_key: PaillierPublicKey
+
+    @classmethod
+    def from_keyholder(cls, keyholder: KeyHolderAPI) -> QueryKey:
+        ann = keyholder.announcement()
+        return cls(ann.key_id, ann.to_bytes(), public_key_from_bytes(ann.public_key))
+
+
+def _ciphertexts(
+    reply_content: RecordDict, name: str, query_id: str, key: QueryKey, expected: int
+) -> list[int]:
+    what = f"debt_profile reply from {name}"
+    body = m.DebtProfileReply.from_content(reply_content, what)
+    if body.query_id != query_id:
+        raise m.ProtocolError(f"{what}: answered query {body.query_id}, expected {query_id}")
+    if body.key_id != key.key_id:
+        raise m.ProtocolError(f"{what}: used key {body.key_id}, expected {key.key_id}")
+    if body.count != expected:
+        raise m.ProtocolError(f"{what}: {body.count} ciphertexts, expected {expected}")
+    try:
+        return ciphertexts_from_bytes(key.public_key, body.ciphertexts, expected)
+    except InvalidCiphertext as exc:
+        raise m.ProtocolError(f"{what}: {exc}") from exc
 
 
 def query_batch(
-    grid: Grid, nodes: Sequence[int], tokens: list[str], keyholder: KeyHolder, timeout: float
-) -> BatchResult:
-    """Totals of one batch, and what it cost on the wire."""
-    layout = keyholder.layout
-    key_bits = keyholder.key_bits
-    expected = layout.plaintexts_for(len(tokens), key_bits)
+    grid: Grid,
+    match: MatchResult,
+    participants: tuple[str, ...],
+    elements: Sequence[bytes],
+    key: QueryKey,
+    keyholder: KeyHolderAPI,
+    timeout: float,
+    stats: QueryStats,
+    sealed: bool,
+) -> tuple[np.ndarray | None, dict[str, bytes], str]:
+    """One batch over exactly ``participants``: clear totals, or totals sealed for each.
+
+    Raises PlatformsFailed naming the platforms that did not answer properly.
+    """
+    key_bits = key.public_key.n.bit_length()
+    layout = debt_profile_layout(len(participants))
+    expected = layout.plaintexts_for(len(elements), key_bits)
     query_id = uuid.uuid4().hex
     request = m.DebtProfileRequest(
-        query_id=query_id, public_key=keyholder.public_key_bytes, tokens=m.tokens_to_bytes(tokens)
+        query_id=query_id,
+        session_id=match.session_id,
+        key_id=key.key_id,
+        participants=participants,
+        count=len(elements),
+        announcement=key.announcement,
+        elements=b"".join(elements),
     )
-    content = request.to_content
-    messages = [
-        Message(content(), dst_node_id=node, message_type="query.debt_profile") for node in nodes
-    ]
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
-    missing = [n for n in nodes if n not in replies]
-    if missing:
-        raise QueryFailed(f"no reply within {timeout:.0f} s from nodes {missing}")
-    per_node = [_reply_ciphertexts(replies[n], n, query_id, expected, keyholder) for n in nodes]
-    sums = add_ciphertexts(keyholder.public_key, per_node)
-    plain = keyholder.decrypt_sums(sums, contributors=len(nodes))
-    received = sum(len(c) for c in per_node)
-    return BatchResult(
-        totals=layout.unpack(plain, len(tokens), key_bits),
-        ciphertexts=received,
-        bytes_sent=len(nodes) * (len(request.tokens) + len(request.public_key)),
-        bytes_received=received * ciphertext_width(keyholder.public_key),
+    t = time.perf_counter()
+    replies = exchange(
+        grid, {p: ("query.debt_profile", request) for p in participants}, match.nodes, timeout
     )
+    stats.stage_seconds["platforms"] += time.perf_counter() - t
+    per_platform: list[list[int]] = []
+    bad: dict[str, str] = {}
+    for name in participants:
+        try:
+            per_platform.append(_ciphertexts(replies[name].content, name, query_id, key, expected))
+        except m.ProtocolError as exc:
+            bad[name] = str(exc)
+    if bad:
+        raise PlatformsFailed("query.debt_profile", bad)
+    t = time.perf_counter()
+    sums = add_ciphertexts(key.public_key, per_platform)
+    stats.stage_seconds["aggregation"] += time.perf_counter() - t
+    t = time.perf_counter()
+    totals: np.ndarray | None = None
+    boxes: dict[str, bytes] = {}
+    try:
+        if sealed:
+            boxes = keyholder.decrypt_and_seal(
+                key.key_id, query_id, participants, sums, len(elements)
+            )
+        else:
+            plain = keyholder.decrypt_sums(key.key_id, query_id, participants, sums)
+            # Masks that do not cancel, or a platform that packed out of bounds, give sums
+            # that are not valid totals: nothing is released.
+            totals = layout.unpack(plain, len(elements), key_bits)
+    except (KeyHolderRefusal, SlotOverflowError) as exc:
+        raise QueryFailed(f"query {query_id}: no valid totals: {exc}") from exc
+    stats.stage_seconds["decryption"] += time.perf_counter() - t
+    stats.ciphertexts += expected * len(participants)
+    stats.bytes_sent += len(participants) * (len(request.elements) + len(request.announcement))
+    stats.bytes_received += expected * len(participants) * ciphertext_width(key.public_key)
+    return totals, boxes, query_id
 
 
 def run_debt_query(
     grid: Grid,
-    nodes: Sequence[int],
-    tokens: list[str],
-    keyholder: KeyHolder,
+    match: MatchResult,
+    participants: Sequence[str],
+    elements: Sequence[bytes],
+    keyholder: KeyHolderAPI,
     batch_size: int,
     timeout: float,
-) -> tuple[np.ndarray, QueryStats]:
-    """Totals for every token, batch by batch; any failed batch fails the whole query."""
+    min_participants: int,
+    sealed: bool = True,
+) -> QueryAnswer:
+    """Totals for every element over the live participants, re-run on any dropout.
+
+    ``sealed`` (the default) has the key holder seal every total for each contributing
+    platform, so the coordinator, which knows who holds each blinded identifier, never reads
+    a total; clear totals are for answers the bureau itself must give (a lender's query).
+    """
+    live = tuple(sorted(participants))
+    dropped: dict[str, str] = {}
+    key = QueryKey.from_keyholder(keyholder)
     stats = QueryStats()
-    out = np.zeros((len(tokens), m.PROFILE_FIELDS), dtype=np.int64)
     start = time.perf_counter()
-    for lo in range(0, len(tokens), batch_size):
-        t0 = time.perf_counter()
-        batch = tokens[lo : lo + batch_size]
-        result = query_batch(grid, nodes, batch, keyholder, timeout)
-        out[lo : lo + len(batch)] = result.totals
-        stats.batches += 1
-        stats.tokens += len(batch)
-        stats.ciphertexts += result.ciphertexts
-        stats.bytes_sent += result.bytes_sent
-        stats.bytes_received += result.bytes_received
-        stats.batch_seconds.append(time.perf_counter() - t0)
-        progress.report("encrypted debt query", stats.tokens, len(tokens), "tokens")
-    stats.seconds = time.perf_counter() - start
-    return out, stats
+    while True:
+        if len(live) < min_participants:
+            raise QueryFailed(
+                f"only {len(live)} platform(s) left ({', '.join(live) or 'none'}); a query "
+                f"needs at least {min_participants}. Dropped: "
+                + "; ".join(f"{n}: {r}" for n, r in dropped.items())
+            )
+        stats.attempts += 1
+        out = None if sealed else np.zeros((len(elements), m.PROFILE_FIELDS), dtype=np.int64)
+        boxes: dict[str, list[bytes]] = {name: [] for name in live}
+        batches: list[tuple[str, int]] = []
+        try:
+            for lo in range(0, len(elements), batch_size):
+                t0 = time.perf_counter()
+                batch = elements[lo : lo + batch_size]
+                totals, sealed_rows, query_id = query_batch(
+                    grid, match, live, batch, key, keyholder, timeout, stats, sealed
+                )
+                if out is not None and totals is not None:
+                    out[lo : lo + len(batch)] = totals
+                for name in live:
+                    if sealed:
+                        boxes[name].append(sealed_rows[name])
+                batches.append((query_id, len(batch)))
+                stats.batches += 1
+                stats.batch_seconds.append(time.perf_counter() - t0)
+                progress.report("encrypted debt query", lo + len(batch), len(elements), "ids")
+        except PlatformsFailed as exc:
+            log.warning("debt query: dropping %s and starting again: %s", sorted(exc.failed), exc)
+            dropped.update(exc.failed)
+            live = tuple(n for n in live if n not in exc.failed)
+            continue
+        stats.tokens = len(elements)
+        stats.seconds = time.perf_counter() - start
+        return QueryAnswer(
+            totals=out,
+            sealed={name: b"".join(parts) for name, parts in boxes.items()} if sealed else {},
+            batches=batches,
+            contributors=live,
+            dropped=dropped,
+            key=key,
+            stats=stats,
+            elements=list(elements),
+        )

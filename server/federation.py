@@ -4,13 +4,17 @@
    tokens under different keys would never meet) and its feature names; the model uses the
    features every platform has.
 2. For each model kind: federated scaling and FedAvg on each platform's own features.
-3. ``query.applicants`` and the encrypted debt-profile query for every platform's borrowers;
-   each platform then receives the totals of its own borrowers (``query.totals``).
+3. Private matching on blinded identifiers (``server/matching.py``), then the masked
+   encrypted debt-profile query over every distinct fully blinded identifier
+   (``server/debt_query.py``), decrypted by the separate key holder service; each platform
+   then receives the totals of its own borrowers (``query.totals``), in the order of its own
+   blinded list, with no identifier attached.
 4. For each model kind: FedAvg again on own features plus cross-platform totals.
 
 Outputs go to ``out-dir``: ``federation.json`` (the run summary), ``model-*.pt`` with
-``model-*.json`` metadata, ``query-totals.parquet`` and ``evaluation-histograms.npz``
-(summed held-out score histograms, for plots). The bureau never opens a platform ledger.
+``model-*.json`` metadata and ``evaluation-histograms.npz`` (summed held-out score
+histograms, for plots). The bureau never opens a platform ledger, never sees a token and
+never reads a per-borrower total (the key holder seals them for the platforms).
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from protocols import messages as m
 from protocols.features import CROSS_PLATFORM_FEATURES
 from protocols.metrics import ScoreHistogram
 from server import progress
-from server.artifacts import save_model, write_json, write_totals
-from server.debt_query import run_debt_query
-from server.keyholder import KeyHolder
+from protocols.packing import debt_profile_layout
+from protocols.delivery import ROW_BYTES
+from server.artifacts import save_model, write_json
+from server.debt_query import QueryAnswer, QueryFailed, run_debt_query
+from server.keyholder_client import KeyHolderAPI, connect_keyholder
+from server.matching import MatchResult, PlatformsFailed, exchange, run_matching
 from server.settings import FederationSettings
 from server.training import FederationError, TrainedModel, ask_all, train_federated
 
@@ -82,28 +89,78 @@ def common_features(descs: dict[int, m.PlatformDescription]) -> list[str]:
     return [f for f in lists[0] if f in shared]
 
 
-def _applicants(grid: Grid, nodes: list[int], settings: FederationSettings) -> dict[int, list[str]]:
-    replies = ask_all(
-        grid, nodes, "query.applicants", m.ApplicantsRequest().to_content(), settings.timeout
-    )
-    return {
-        n: m.tokens_from_bytes(m.Applicants.from_content(c, f"applicants from {n}").tokens)
-        for n, c in replies.items()
-    }
-
-
 def _deliver_totals(
-    grid: Grid,
-    holdings: dict[int, list[str]],
-    index: dict[str, int],
-    totals: np.ndarray,
-    settings: FederationSettings,
+    grid: Grid, match: MatchResult, answer: QueryAnswer, settings: FederationSettings
 ) -> None:
-    """Each platform receives the totals of its own borrowers, and nobody else's."""
-    for node, tokens in holdings.items():
-        rows = totals[[index[t] for t in tokens]]
-        delivery = m.TotalsDelivery(tokens=m.tokens_to_bytes(tokens), totals=m.ints_to_bytes(rows))
-        ask_all(grid, [node], "query.totals", delivery.to_content(), settings.timeout)
+    """Each contributing platform receives the sealed totals of its own borrowers only.
+
+    Rows go in the order of the platform's own fully blinded list: no identifier travels,
+    and the coordinator cannot open what it forwards (``protocols.delivery``).
+    """
+    index = {e: i for i, e in enumerate(answer.elements)}
+    starts = np.cumsum([0] + [size for _, size in answer.batches])
+    batches = [m.DeliveryBatch(query_id=q, size=size) for q, size in answer.batches]
+    requests: dict[str, tuple[str, m.Payload]] = {}
+    for name in answer.contributors:
+        idx = np.asarray([index[e] for e in match.lists[name]], dtype=np.int64)
+        batch_of = np.searchsorted(starts, idx, side="right") - 1
+        where = np.stack([batch_of, idx - starts[batch_of]], axis=1).astype("<i4")
+        rows = np.frombuffer(answer.sealed[name], dtype=np.uint8).reshape(-1, ROW_BYTES)
+        requests[name] = (
+            "query.totals",
+            m.TotalsDelivery(
+                session_id=match.session_id,
+                key_id=answer.key.key_id,
+                count=len(idx),
+                contributors=answer.contributors,
+                batches=batches,
+                announcement=answer.key.announcement,
+                rows=where.tobytes(),
+                sealed=rows[idx].tobytes(),
+            ),
+        )
+    exchange(grid, requests, match.nodes, settings.query_timeout)
+
+
+def private_query(
+    grid: Grid, names: dict[int, str], settings: FederationSettings, keyholder: KeyHolderAPI
+) -> tuple[MatchResult, QueryAnswer, dict[str, str]]:
+    """Matching, then the masked encrypted query; a failed platform is dropped and the step
+    re-run over the rest (never a total over a mix of participant sets)."""
+    live = {name: node for node, name in names.items()}
+    dropped: dict[str, str] = {}
+    while True:
+        if len(live) < settings.min_participants:
+            raise FederationError(
+                f"only {len(live)} platform(s) can take part in the debt query; it needs "
+                f"{settings.min_participants}. Dropped: {dropped}"
+            )
+        try:
+            match = run_matching(grid, live, settings.query_timeout)
+        except PlatformsFailed as exc:
+            dropped.update(exc.failed)
+            live = {n: v for n, v in live.items() if n not in exc.failed}
+            continue
+        elements = match.union()
+        if 0 < settings.query_limit < len(elements):
+            rng = np.random.default_rng(settings.seed)
+            picked = rng.choice(len(elements), settings.query_limit, replace=False)
+            elements = [elements[i] for i in sorted(picked.tolist())]
+        try:
+            answer = run_debt_query(
+                grid,
+                match,
+                list(live),
+                elements,
+                keyholder,
+                settings.query_batch,
+                settings.query_timeout,
+                settings.min_participants,
+            )
+        except QueryFailed as exc:
+            raise FederationError(str(exc)) from exc
+        dropped.update(answer.dropped)
+        return match, answer, dropped
 
 
 def _model_summary(
@@ -117,8 +174,14 @@ def _model_summary(
     }
 
 
-def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
-    """The whole pipeline; writes every output and returns the run summary."""
+def run_federation(
+    grid: Grid, settings: FederationSettings, keyholder: KeyHolderAPI | None = None
+) -> dict[str, Any]:
+    """The whole pipeline; writes every output and returns the run summary.
+
+    ``keyholder`` is the decryption-key holder's client; by default it is reached at the
+    run config's ``keyholder-url`` (a separate service: the coordinator holds no private key).
+    """
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"status": "running", "settings": settings.as_run_config()}
@@ -156,37 +219,43 @@ def run_federation(grid: Grid, settings: FederationSettings) -> dict[str, Any]:
 
         if "query" in settings.stage_list:
             t = time.perf_counter()
-            holdings = _applicants(grid, nodes, settings)
-            union = sorted(set().union(*holdings.values()))
-            limited = 0 < settings.query_limit < len(union)
-            if limited:
-                rng = np.random.default_rng(settings.seed)
-                union = sorted(rng.choice(union, settings.query_limit, replace=False).tolist())
-            progress.report("key holder", 0, 0, f"generating a {settings.key_bits}-bit key pair")
-            keyholder = KeyHolder(settings.key_bits)
-            progress.report("key holder", 1, 1, f"{settings.key_bits}-bit key pair ready")
-            totals, stats = run_debt_query(
-                grid, nodes, union, keyholder, settings.query_batch, settings.timeout
-            )
-            write_totals(out / "query-totals.parquet", union, totals)
+            if keyholder is None:
+                keyholder = connect_keyholder(settings)
+            match, answer, dropped = private_query(grid, names, settings, keyholder)
+            stats = answer.stats
+            limited = len(answer.elements) < len(match.union())
+            key_bits = answer.key.public_key.n.bit_length()
+            layout = debt_profile_layout(len(answer.contributors))
+            summary["matching"] = match.stats()
             summary["queries"] = {
                 **stats.to_dict(),
-                "key_bits": keyholder.key_bits,
-                "tokens_per_ciphertext": keyholder.layout.tokens_per_plaintext(keyholder.key_bits),
-                "platforms_answering": len(nodes),
-                "bytes_per_platform": round((stats.bytes_sent + stats.bytes_received) / len(nodes)),
+                "key_id": answer.key_id,
+                "key_bits": key_bits,
+                "tokens_per_ciphertext": layout.tokens_per_plaintext(key_bits),
+                "platforms_answering": len(answer.contributors),
+                "contributors": list(answer.contributors),
+                "dropped": dropped,
+                "bytes_per_platform": round(
+                    (stats.bytes_sent + stats.bytes_received + match.bytes_sent
+                     + match.bytes_received) / len(match.participants)
+                ),
                 "limited": limited,
             }
+            seconds["matching"] = match.seconds
             seconds["query"] = time.perf_counter() - t
-            if "cross" in settings.stage_list and limited:
+            if "cross" in settings.stage_list and dropped:
+                summary["cross_skipped"] = (
+                    f"platforms dropped out of the query ({', '.join(sorted(dropped))}); the "
+                    "cross-platform model needs every platform's totals"
+                )
+            elif "cross" in settings.stage_list and limited:
                 summary["cross_skipped"] = (
                     "query-limit covers only some borrowers; the cross-platform model needs "
                     "totals for every platform's borrowers"
                 )
             elif "cross" in settings.stage_list:
                 t = time.perf_counter()
-                index = {tok: i for i, tok in enumerate(union)}
-                _deliver_totals(grid, holdings, index, totals, settings)
+                _deliver_totals(grid, match, answer, settings)
                 seconds["deliver-totals"] = time.perf_counter() - t
                 cross = [*features, *CROSS_PLATFORM_FEATURES]
                 summary["features"]["cross"] = cross
