@@ -72,10 +72,20 @@ class KeyAnnouncement(BaseModel):
     issued_at: AwareDatetime
     expires_at: AwareDatetime
     signature: bytes = Field(min_length=64, max_length=64)
+    # The key holder's X25519 delivery key for this Paillier key: platforms open the totals
+    # sealed for them with it (``protocols.delivery``). Signed like everything else.
+    delivery_key: bytes | None = Field(default=None, min_length=32, max_length=32)
 
     def signed_bytes(self) -> bytes:
         """The canonical encoding the signature covers (everything but the signature)."""
-        return _canonical(self.key_id, self.public_key, self.bits, self.issued_at, self.expires_at)
+        return _canonical(
+            self.key_id,
+            self.public_key,
+            self.bits,
+            self.issued_at,
+            self.expires_at,
+            self.delivery_key,
+        )
 
     def to_bytes(self) -> bytes:
         """JSON (bytes fields in base64) for carrying the announcement inside messages."""
@@ -88,6 +98,9 @@ class KeyAnnouncement(BaseModel):
                 "issued_at": _utc_text(self.issued_at),
                 "expires_at": _utc_text(self.expires_at),
                 "signature": base64.b64encode(self.signature).decode(),
+                "delivery_key": None
+                if self.delivery_key is None
+                else base64.b64encode(self.delivery_key).decode(),
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -105,7 +118,9 @@ class KeyAnnouncement(BaseModel):
         if obj.pop("format", None) != ANNOUNCEMENT_FORMAT:
             raise AnnouncementError(f"announcement format is not {ANNOUNCEMENT_FORMAT}")
         try:
-            for name in ("public_key", "signature"):
+            for name in ("public_key", "signature", "delivery_key"):
+                if name == "delivery_key" and obj.get(name) is None:
+                    continue
                 if not isinstance(obj.get(name), str):
                     raise AnnouncementError(f"announcement field {name} is not base64 text")
                 obj[name] = base64.b64decode(obj[name], validate=True)
@@ -130,13 +145,21 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def _canonical(
-    key_id: str, public_key: bytes, bits: int, issued_at: dt.datetime, expires_at: dt.datetime
+    key_id: str,
+    public_key: bytes,
+    bits: int,
+    issued_at: dt.datetime,
+    expires_at: dt.datetime,
+    delivery_key: bytes | None,
 ) -> bytes:
     # Domain-separated, sorted-key JSON with UTC microsecond timestamps: one byte string per
     # meaning, so a re-encoded announcement verifies and a changed one does not.
     body = json.dumps(
         {
             "bits": bits,
+            "delivery_key": None
+            if delivery_key is None
+            else base64.b64encode(delivery_key).decode(),
             "expires_at": _utc_text(expires_at),
             "issued_at": _utc_text(issued_at),
             "key_id": key_id,
@@ -155,11 +178,19 @@ def sign_announcement(
     bits: int,
     issued_at: dt.datetime,
     expires_at: dt.datetime,
+    delivery_key: bytes | None = None,
 ) -> KeyAnnouncement:
-    """Sign a Paillier public key (``public_key_to_bytes`` form) for a validity window."""
+    """Sign a Paillier public key (``public_key_to_bytes`` form) for a validity window.
+
+    ``delivery_key``: the raw X25519 public key that seals totals for platforms under this
+    Paillier key (optional for callers that deliver no sealed totals).
+    """
     public_key_bytes = bytes(public_key_bytes)
+    delivery_key = None if delivery_key is None else bytes(delivery_key)
     key_id = key_id_for(public_key_bytes)
-    signature = signing_key.sign(_canonical(key_id, public_key_bytes, bits, issued_at, expires_at))
+    signature = signing_key.sign(
+        _canonical(key_id, public_key_bytes, bits, issued_at, expires_at, delivery_key)
+    )
     return KeyAnnouncement(
         key_id=key_id,
         public_key=public_key_bytes,
@@ -167,6 +198,7 @@ def sign_announcement(
         issued_at=issued_at,
         expires_at=expires_at,
         signature=signature,
+        delivery_key=delivery_key,
     )
 
 

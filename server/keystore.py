@@ -2,7 +2,8 @@
 
 Why a file of its own: the decryption key must live apart from the coordinator, survive
 restarts and rotate, and a stolen disk or backup must not yield it. So every private value
-(the Ed25519 signing key, each Paillier key's factors ``p`` and ``q``) is sealed with
+(the Ed25519 signing key; each Paillier key's factors ``p`` and ``q`` and the X25519
+delivery key that goes with it) is sealed with
 ChaCha20-Poly1305 under a 32-byte storage key that the operator supplies at every start:
 
 * a passphrase (``--passphrase-env`` / ``--passphrase-file``), stretched with Scrypt
@@ -44,9 +45,15 @@ from typing import Any, Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
 from protocols.key_announcement import KeyAnnouncement, key_id_for, sign_announcement
@@ -260,6 +267,10 @@ class KeyRecord:
     private_key: PaillierPrivateKey | None
     retired_at: dt.datetime | None = None
     decrypt_until: dt.datetime | None = None  # end of the grace period (retired keys)
+    # X25519 key that seals totals for platforms under this Paillier key (protocols.delivery);
+    # its private half is sealed and erased together with the Paillier private key.
+    delivery_public: bytes = b""
+    delivery_key: X25519PrivateKey | None = None
 
     def can_decrypt(self, now: dt.datetime) -> bool:
         if self.private_key is None:
@@ -284,6 +295,7 @@ class KeyRecord:
 
 def _new_record(bits: int, allow_insecure_test_size: bool, now: dt.datetime) -> KeyRecord:
     pk, sk = generate_keypair(bits, allow_insecure_test_size=allow_insecure_test_size)
+    delivery = X25519PrivateKey.generate()
     return KeyRecord(
         key_id=key_id_for(public_key_to_bytes(pk)),
         bits=int(pk.n).bit_length(),
@@ -291,6 +303,8 @@ def _new_record(bits: int, allow_insecure_test_size: bool, now: dt.datetime) -> 
         status="active",
         public_key=pk,
         private_key=sk,
+        delivery_public=delivery.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+        delivery_key=delivery,
     )
 
 
@@ -421,8 +435,6 @@ class Keystore:
         atomic_write(self.path, (json.dumps(doc, indent=1) + "\n").encode())
 
     def _signing_raw(self) -> bytes:
-        from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
-
         return self.signing_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
     # ----------------------------------------------------------------------------- queries
@@ -463,6 +475,7 @@ class Keystore:
             bits=rec.bits,
             issued_at=issued,
             expires_at=expires,
+            delivery_key=rec.delivery_public or None,
         )
 
     def summary(self, now: dt.datetime | None = None) -> dict[str, Any]:
@@ -511,7 +524,7 @@ class Keystore:
             raise KeystoreError(f"keystore {self.path}: no key {key_id}")
         if rec.status == "active":
             raise KeystoreError(f"key {key_id} is the active key; rotate first, then retire it")
-        rec.private_key = None
+        rec.private_key = rec.delivery_key = None
         rec.decrypt_until = min(rec.decrypt_until or now, now)
         log.info("retired key %s: private half erased", key_id)
         return rec
@@ -522,7 +535,7 @@ class Keystore:
         erased = []
         for rec in self.keys:
             if rec.status == "retired" and rec.private_key is not None and not rec.can_decrypt(now):
-                rec.private_key = None
+                rec.private_key = rec.delivery_key = None
                 erased.append(rec.key_id)
         if erased:
             log.info("erased expired private keys: %s", ", ".join(erased))
@@ -533,7 +546,12 @@ def _record_to_doc(rec: KeyRecord, key: bytes) -> dict[str, Any]:
     private = None
     if rec.private_key is not None:
         p, q = int(rec.private_key.p), int(rec.private_key.q)
-        payload = json.dumps({"p": format(p, "x"), "q": format(q, "x")}).encode()
+        secret: dict[str, str] = {"p": format(p, "x"), "q": format(q, "x")}
+        if rec.delivery_key is not None:
+            secret["delivery"] = rec.delivery_key.private_bytes(
+                Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+            ).hex()
+        payload = json.dumps(secret).encode()
         private = _seal(key, payload, _aad("paillier-private", rec.key_id))
     return {
         "key_id": rec.key_id,
@@ -543,6 +561,7 @@ def _record_to_doc(rec: KeyRecord, key: bytes) -> dict[str, Any]:
         "retired_at": _ts(rec.retired_at),
         "decrypt_until": _ts(rec.decrypt_until),
         "n": format(int(rec.public_key.n), "x"),
+        "delivery_public": rec.delivery_public.hex(),
         "private": private,
     }
 
@@ -553,13 +572,19 @@ def _record_from_doc(entry: dict[str, Any], key: bytes) -> KeyRecord:
     key_id = key_id_for(public_key_to_bytes(pk))
     if key_id != entry["key_id"]:
         raise ValueError(f"key id {entry['key_id']} does not match its modulus")
-    sk = None
+    sk, delivery = None, None
+    delivery_public = bytes.fromhex(entry.get("delivery_public") or "")
     if entry.get("private") is not None:
         factors = json.loads(_open(key, entry["private"], _aad("paillier-private", key_id)))
         p, q = int(factors["p"], 16), int(factors["q"], 16)
         if p * q != n:
             raise ValueError(f"key {key_id}: stored factors do not multiply to n")
         sk = PaillierPrivateKey(pk, p, q)
+        if factors.get("delivery"):
+            delivery = X25519PrivateKey.from_private_bytes(bytes.fromhex(factors["delivery"]))
+            derived = delivery.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            if derived != delivery_public:
+                raise ValueError(f"key {key_id}: delivery key does not match its public half")
     status = entry["status"]
     if status not in ("active", "retired"):
         raise ValueError(f"key {key_id}: unknown status {status!r}")
@@ -572,6 +597,8 @@ def _record_from_doc(entry: dict[str, Any], key: bytes) -> KeyRecord:
         private_key=sk,
         retired_at=_parse_ts(entry.get("retired_at")),
         decrypt_until=_parse_ts(entry.get("decrypt_until")),
+        delivery_public=delivery_public,
+        delivery_key=delivery,
     )
 
 
