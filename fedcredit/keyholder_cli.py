@@ -9,7 +9,7 @@ Synopsis::
     fedcredit keyholder show   --keystore F [SECRET] [--json]
     fedcredit keyholder serve  --keystore F SECRET --listen HOST:PORT [--port-file F]
                                [--token-file F] [--min-participants 3] [--max-count 100000]
-                               [--tls-cert F --tls-key F]
+                               [--roster F] [--tls-cert F --tls-key F]
 
     SECRET is one of --passphrase-env VAR | --passphrase-file F | --key-file F
 
@@ -114,6 +114,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-count", type=int, default=100_000, help="most ciphertexts in one request"
+    )
+    parser.add_argument(
+        "--roster",
+        metavar="F",
+        help="the federation roster (fedcredit enrol): platforms' agreement keys, needed to "
+        "seal totals for them",
     )
     parser.add_argument("--tls-cert", metavar="F", help="PEM certificate chain (enables HTTPS)")
     parser.add_argument("--tls-key", metavar="F", help="PEM private key of --tls-cert")
@@ -376,7 +382,7 @@ def _listen(text: str) -> tuple[str, int]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.keyholder import AuditLog, KeyHolderCore, ReplayGuard
-    from server.keyholder_service import create_app, serve
+    from server.keyholder_service import WatchedRoster, create_app, serve
     from server.keystore import KeystoreError, WatchedKeystore, locked, token_sha256
 
     host, port = _listen(args.listen)
@@ -412,12 +418,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         watched = WatchedKeystore(path, _secret(args))
     except KeystoreError as exc:
         raise _usage(str(exc)) from None
+    roster = None
+    if args.roster:
+        from protocols.identity import IdentityError
+
+        try:
+            roster = WatchedRoster(Path(args.roster))
+        except (IdentityError, OSError) as exc:
+            raise _usage(f"--roster: {exc}") from None
     core = KeyHolderCore(
         watched.current,
         replay=ReplayGuard(path.with_name(path.name + ".queries.sqlite")),
         audit=AuditLog(path.with_name(path.name + ".audit.jsonl")),
         min_participants=args.min_participants,
         max_count=args.max_count,
+        roster=roster,
     )
     if not args.tls_cert and host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("serving on %s without TLS: the bearer token and sums travel in clear", host)

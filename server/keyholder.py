@@ -63,14 +63,22 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from protocols import delivery
+from protocols.identity import PLATFORM_NAME_PATTERN
 from protocols.key_announcement import KeyAnnouncement
-from protocols.packing import DEBT_PROFILE_LAYOUT, SlotLayout, SlotOverflowError
+from protocols.masking import MaskError, pairwise_secret
+from protocols.packing import (
+    DEBT_PROFILE_LAYOUT,
+    SlotLayout,
+    SlotOverflowError,
+    debt_profile_layout,
+)
 from protocols.paillier import (
     InvalidCiphertext,
     PaillierPublicKey,
@@ -88,8 +96,9 @@ DEFAULT_MIN_PARTICIPANTS = 3
 DEFAULT_MAX_COUNT = 100_000
 # A sum of more contributions than the slot layout's headroom may carry between slots.
 DEFAULT_MAX_PARTICIPANTS = DEBT_PROFILE_LAYOUT.max_contributors
-PLATFORM_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+PLATFORM_NAME = PLATFORM_NAME_PATTERN  # the roster's rule for platform names
 _PLATFORM_RE = re.compile(PLATFORM_NAME)
+MAX_SEAL_ROWS = 10_000_000
 
 __all__ = [
     "AuditLog",
@@ -132,16 +141,26 @@ class DecryptRequest(BaseModel):
     participants: Annotated[list[str], Field(max_length=1024)]
     count: Annotated[int, Field(ge=1, le=2**31)]
     ciphertexts: str = Field(description="base64 of `count` fixed-width big-endian ciphertexts")
+    seal_rows: Annotated[int | None, Field(ge=1, le=MAX_SEAL_ROWS)] = Field(
+        default=None,
+        description="if given: unpack the sums into this many debt-profile rows and seal "
+        "them for every participant (protocols.delivery) instead of answering in clear",
+    )
 
 
 class DecryptResponse(BaseModel):
-    """``POST /v1/decrypt`` answer: plaintexts fixed-width (byte length of n), base64."""
+    """``POST /v1/decrypt`` answer.
+
+    Clear: ``plaintexts``, fixed-width (byte length of n) big-endian, base64. Sealed
+    (``seal_rows`` asked): ``sealed``, per participant the base64 of its sealed rows.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     key_id: str
     query_id: str
-    plaintexts: str
+    plaintexts: str | None = None
+    sealed: dict[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +171,7 @@ class DecodedRequest:
     query_id: str
     participants: tuple[str, ...]
     ciphertexts: list[int]
+    seal_rows: int | None = None
 
 
 def _pydantic_reason(exc: ValidationError) -> str:
@@ -231,6 +251,16 @@ def decode_decrypt_request(
             413,
             "too_large",
         )
+    if req.seal_rows is not None:
+        key_bits = int(key.public_key.n).bit_length()
+        needed = debt_profile_layout(len(names)).plaintexts_for(req.seal_rows, key_bits)
+        if needed != req.count:
+            raise KeyHolderRefusal(
+                f"count mismatch: {req.seal_rows} rows over {len(names)} participants pack "
+                f"into {needed} plaintexts, not {req.count}",
+                422,
+                "count_mismatch",
+            )
     width = ciphertext_width(key.public_key)
     expected_chars = 4 * ((req.count * width + 2) // 3)
     if len(req.ciphertexts) != expected_chars:
@@ -249,7 +279,11 @@ def decode_decrypt_request(
     except InvalidCiphertext as exc:  # names the index: "ciphertext 3: not below n**2"
         raise KeyHolderRefusal(f"{exc} (outside Z*_{{n^2}})", 422, "bad_ciphertext") from None
     return DecodedRequest(
-        key=key, query_id=req.query_id, participants=tuple(names), ciphertexts=cts
+        key=key,
+        query_id=req.query_id,
+        participants=tuple(names),
+        ciphertexts=cts,
+        seal_rows=req.seal_rows,
     )
 
 
@@ -421,7 +455,9 @@ class KeyHolderCore:
         max_count: int = DEFAULT_MAX_COUNT,
         max_participants: int = DEFAULT_MAX_PARTICIPANTS,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        roster: Callable[[], Mapping[str, bytes]] | None = None,
     ) -> None:
+        """``roster``: platform name -> raw X25519 agreement key (needed only to seal)."""
         if min_participants < 2:
             raise ValueError(
                 "min_participants must be at least 2 (one would be a platform's own figure)"
@@ -435,6 +471,7 @@ class KeyHolderCore:
         self.max_count = max_count
         self.max_participants = max_participants
         self.clock = clock
+        self._roster = roster
 
     @property
     def keystore(self) -> Keystore:
@@ -454,7 +491,14 @@ class KeyHolderCore:
         return 4 * ((self.max_count * width + 2) // 3) + 128 * 1024
 
     def decrypt_body(self, body: bytes | object, caller: str = "?") -> DecryptResponse:
-        """Decode (bytes or an already-parsed object), check, decrypt, audit, answer."""
+        """Decode (bytes or an already-parsed object), check, decrypt, audit, answer.
+
+        With ``seal_rows`` the sums are unpacked into debt-profile totals and sealed for each
+        participant under the X25519 secret of this key's delivery key and the participant's
+        agreement key from the key holder's roster (``protocols.delivery``); the caller (the
+        coordinator) then cannot read them. A sum whose slots are not valid totals (a mask
+        that did not cancel, a platform out of bounds) is refused, not sealed.
+        """
         now = self.clock()
         limits = {
             "min_participants": self.min_participants,
@@ -468,19 +512,28 @@ class KeyHolderCore:
                 req = decode_decrypt_body(bytes(body), ks, **limits)
             else:
                 req = decode_decrypt_request(body, ks, **limits)
+            agreement = self._agreement_keys(req) if req.seal_rows is not None else {}
             if self.replay.seen(req.query_id) or not self.replay.claim(
                 req.query_id, req.key.key_id, now
             ):
                 raise KeyHolderRefusal(
                     f"query id {req.query_id} was already decrypted (replay)", 409, "replay"
                 )
+            assert req.key.private_key is not None  # can_decrypt checked it
+            plain = decrypt_plaintexts(req.key.private_key, req.ciphertexts)
+            if req.seal_rows is None:
+                width = (int(req.key.public_key.n).bit_length() + 7) // 8
+                blob = b"".join(m.to_bytes(width, "big") for m in plain)
+                answer = DecryptResponse(
+                    key_id=req.key.key_id,
+                    query_id=req.query_id,
+                    plaintexts=base64.b64encode(blob).decode(),
+                )
+            else:
+                answer = self._seal(req, plain, agreement)
         except KeyHolderRefusal as exc:
             self._refused(exc, body, caller, now)
             raise
-        assert req.key.private_key is not None  # can_decrypt checked it
-        plain = decrypt_plaintexts(req.key.private_key, req.ciphertexts)
-        width = (int(req.key.public_key.n).bit_length() + 7) // 8
-        blob = b"".join(m.to_bytes(width, "big") for m in plain)
         self.audit.append(
             {
                 "event": "decrypt",
@@ -489,21 +542,72 @@ class KeyHolderCore:
                 "key_id": req.key.key_id,
                 "participants": list(req.participants),
                 "count": len(plain),
+                "sealed_rows": req.seal_rows,
                 "caller": caller,
             }
         )
         log.info(
-            "decrypted query %s: key %s, %d ciphertexts, participants %s",
+            "decrypted query %s: key %s, %d ciphertexts, participants %s%s",
             req.query_id,
             req.key.key_id,
             len(plain),
             ",".join(req.participants),
+            f", sealed {req.seal_rows} rows for each" if req.seal_rows else "",
         )
-        return DecryptResponse(
-            key_id=req.key.key_id,
-            query_id=req.query_id,
-            plaintexts=base64.b64encode(blob).decode(),
-        )
+        return answer
+
+    def _agreement_keys(self, req: DecodedRequest) -> dict[str, bytes]:
+        """Each participant's pinned X25519 agreement key, or a refusal naming who is missing."""
+        if self._roster is None:
+            raise KeyHolderRefusal(
+                "this key holder has no roster, so it cannot seal totals (serve with --roster)",
+                409,
+                "no_roster",
+            )
+        if req.key.delivery_key is None:
+            raise KeyHolderRefusal(
+                f"key {req.key.key_id} has no delivery key; it cannot seal totals",
+                409,
+                "no_delivery_key",
+            )
+        roster = self._roster()
+        missing = [p for p in req.participants if p not in roster]
+        if missing:
+            raise KeyHolderRefusal(
+                f"participants not in the key holder's roster: {', '.join(missing[:10])}",
+                403,
+                "not_enrolled",
+            )
+        return {p: roster[p] for p in req.participants}
+
+    def _seal(
+        self, req: DecodedRequest, plain: list[int], agreement: dict[str, bytes]
+    ) -> DecryptResponse:
+        assert req.seal_rows is not None and req.key.delivery_key is not None
+        key_bits = int(req.key.public_key.n).bit_length()
+        layout = debt_profile_layout(len(req.participants))
+        try:
+            totals = layout.unpack(plain, req.seal_rows, key_bits)
+        except (SlotOverflowError, ValueError) as exc:
+            raise KeyHolderRefusal(
+                f"the sums are not valid totals (a mask that did not cancel, or a platform "
+                f"out of bounds): {exc}",
+                422,
+                "invalid_sums",
+            ) from None
+        sealed: dict[str, str] = {}
+        for name in req.participants:
+            try:
+                shared = pairwise_secret(req.key.delivery_key, agreement[name])
+                stream = delivery.delivery_stream(
+                    shared, req.query_id, req.key.key_id, name, req.seal_rows
+                )
+            except (MaskError, delivery.DeliveryError) as exc:
+                raise KeyHolderRefusal(
+                    f"cannot seal for {name}: {exc}", 422, "bad_agreement_key"
+                ) from None
+            sealed[name] = base64.b64encode(delivery.seal(totals, stream)).decode()
+        return DecryptResponse(key_id=req.key.key_id, query_id=req.query_id, sealed=sealed)
 
     def _refused(self, exc: KeyHolderRefusal, body: object, caller: str, now: dt.datetime) -> None:
         query_id = key_id = None

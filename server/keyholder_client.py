@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from protocols.delivery import ROW_BYTES
 from protocols.key_announcement import AnnouncementError, KeyAnnouncement, verify_announcement
 from protocols.paillier import (
     InvalidCiphertext,
@@ -59,6 +60,7 @@ __all__ = [
     "KeyHolderUnavailable",
     "LocalKeyHolder",
     "RunningKeyHolder",
+    "connect_keyholder",
     "start_keyholder_process",
 ]
 
@@ -83,6 +85,23 @@ class KeyHolderAPI(abc.ABC):
         ``query_id`` (32 lowercase hex) may be decrypted once; a second call refuses.
         """
 
+    @abc.abstractmethod
+    def decrypt_and_seal(
+        self,
+        key_id: str,
+        query_id: str,
+        participants: Sequence[str],
+        sums: Sequence[int],
+        rows: int,
+    ) -> dict[str, bytes]:
+        """The sums' ``rows`` debt-profile totals, sealed for each participant.
+
+        ``result[name]`` is ``rows * protocols.delivery.ROW_BYTES`` bytes that only platform
+        ``name`` (with its agreement key and the announced delivery key) can open; the caller
+        cannot read the totals. Same refusals as ``decrypt_sums``, plus: a participant not in
+        the key holder's roster, and sums that do not unpack into valid totals.
+        """
+
 
 def _encode_request(
     pk: PaillierPublicKey,
@@ -90,18 +109,34 @@ def _encode_request(
     query_id: str,
     participants: Sequence[str],
     sums: Sequence[int],
+    seal_rows: int | None = None,
 ) -> dict[str, Any]:
     try:
         blob = ciphertexts_to_bytes(pk, list(sums))
     except InvalidCiphertext as exc:
         raise KeyHolderRefusal(f"{exc} (refused before sending)", 422, "bad_ciphertext") from None
-    return {
+    body: dict[str, Any] = {
         "key_id": key_id,
         "query_id": query_id,
         "participants": list(participants),
         "count": len(sums),
         "ciphertexts": base64.b64encode(blob).decode(),
     }
+    if seal_rows is not None:
+        body["seal_rows"] = seal_rows
+    return body
+
+
+def _decode_sealed(data: Any, participants: Sequence[str], rows: int) -> dict[str, bytes]:
+    if not isinstance(data, dict) or set(data) != set(participants):
+        raise ValueError("sealed totals are not exactly one entry per participant")
+    out = {}
+    for name in participants:
+        blob = base64.b64decode(data[name], validate=True)
+        if len(blob) != rows * ROW_BYTES:
+            raise ValueError(f"{len(blob)} sealed bytes for {name}; expected {rows} rows")
+        out[name] = blob
+    return out
 
 
 def _decode_plaintexts(pk: PaillierPublicKey, data: str, count: int) -> list[int]:
@@ -245,6 +280,24 @@ class KeyHolderClient(KeyHolderAPI):
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise KeyHolderUnavailable(f"key holder sent a malformed answer: {exc}") from None
 
+    def decrypt_and_seal(
+        self,
+        key_id: str,
+        query_id: str,
+        participants: Sequence[str],
+        sums: Sequence[int],
+        rows: int,
+    ) -> dict[str, bytes]:
+        pk = self._public_key(key_id)
+        body = _encode_request(pk, key_id, query_id, participants, sums, seal_rows=rows)
+        data = self._call("POST", "/v1/decrypt", json=body)
+        try:
+            if data.get("key_id") != key_id or data.get("query_id") != query_id:
+                raise ValueError("answer is for another key or query")
+            return _decode_sealed(data.get("sealed"), participants, rows)
+        except (TypeError, ValueError, binascii.Error) as exc:
+            raise KeyHolderUnavailable(f"key holder sent malformed sealed totals: {exc}") from None
+
 
 # ------------------------------------------------------------------------- in-process (tests)
 
@@ -267,7 +320,10 @@ class LocalKeyHolder(KeyHolderAPI):
         max_count: int = DEFAULT_MAX_COUNT,
         grace: dt.timedelta = dt.timedelta(days=1),
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        roster: Mapping[str, bytes] | None = None,
     ) -> None:
+        """``roster``: platform name -> raw X25519 agreement key, to seal totals for them."""
+        self.roster = dict(roster) if roster is not None else None
         self.keystore = Keystore.create(
             None, None, bits=bits, allow_insecure_test_size=allow_insecure_test_size, grace=grace
         )
@@ -279,6 +335,7 @@ class LocalKeyHolder(KeyHolderAPI):
             min_participants=min_participants,
             max_count=max_count,
             clock=clock,
+            roster=(lambda: self.roster or {}) if roster is not None else None,
         )
 
     @property
@@ -302,7 +359,56 @@ class LocalKeyHolder(KeyHolderAPI):
             raise KeyHolderRefusal(f"unknown key id {key_id}", 404, "unknown_key")
         body = _encode_request(rec.public_key, key_id, query_id, participants, sums)
         answer = self.core.decrypt_body(body, caller="local")
+        assert answer.plaintexts is not None
         return _decode_plaintexts(rec.public_key, answer.plaintexts, len(sums))
+
+    def decrypt_and_seal(
+        self,
+        key_id: str,
+        query_id: str,
+        participants: Sequence[str],
+        sums: Sequence[int],
+        rows: int,
+    ) -> dict[str, bytes]:
+        rec = self.keystore.get(key_id)
+        if rec is None:
+            raise KeyHolderRefusal(f"unknown key id {key_id}", 404, "unknown_key")
+        body = _encode_request(rec.public_key, key_id, query_id, participants, sums, rows)
+        answer = self.core.decrypt_body(body, caller="local")
+        return _decode_sealed(answer.sealed, participants, rows)
+
+
+# ------------------------------------------------------------------------- from run config
+
+
+def connect_keyholder(settings: Any) -> KeyHolderClient:
+    """The client for the key holder named in the coordinator's run config.
+
+    ``settings`` has ``keyholder_url``, ``keyholder_token_file`` and ``keyholder_ca``
+    (``server.settings.FederationSettings``). Missing configuration is a clear
+    ``KeyHolderUnavailable``: the coordinator never falls back to holding a key itself.
+    """
+    url = str(getattr(settings, "keyholder_url", "") or "")
+    token_file = str(getattr(settings, "keyholder_token_file", "") or "")
+    ca = str(getattr(settings, "keyholder_ca", "") or "")
+    if not url:
+        raise KeyHolderUnavailable(
+            "no key holder configured: set keyholder-url (and keyholder-token-file) in the run "
+            "config; start one with `fedcredit keyholder serve`"
+        )
+    if not token_file:
+        raise KeyHolderUnavailable("keyholder-token-file is not set: the key holder needs a token")
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as exc:
+        raise KeyHolderUnavailable(
+            f"cannot read keyholder-token-file {token_file}: {exc.strerror}"
+        ) from None
+    if not token:
+        raise KeyHolderUnavailable(f"keyholder-token-file {token_file} is empty")
+    if ca and not Path(ca).is_file():
+        raise KeyHolderUnavailable(f"keyholder-ca: no such file: {ca}")
+    return KeyHolderClient(url, token, ca_file=ca or None)
 
 
 # --------------------------------------------------------------------------- the subprocess

@@ -29,8 +29,10 @@ import base64
 import hashlib
 import hmac
 import logging
+import os
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ from server.keystore import atomic_write
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KeyHolderServer", "announcement_json", "create_app", "main", "serve"]
+__all__ = ["KeyHolderServer", "WatchedRoster", "announcement_json", "create_app", "main", "serve"]
 
 
 def announcement_json(ann: KeyAnnouncement) -> dict[str, Any]:
@@ -167,6 +169,43 @@ def create_app(core: KeyHolderCore, token_sha256: str, *, max_inflight: int = 4)
         return await run_in_threadpool(core.decrypt_body, body, caller)
 
     return app
+
+
+class WatchedRoster:
+    """The key holder's copy of the federation roster, re-read when the file changes.
+
+    Only the platforms' X25519 agreement keys are used: totals are sealed for a participant
+    under its pinned key, never under a key named in a request. Enrolling a platform edits
+    the file; the service picks that up without a restart. An unreadable new version is
+    logged and the previous one kept.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from protocols.identity import load_roster
+
+        self._load = load_roster
+        self.path = Path(path)
+        self._stamp = self._stat()
+        self._keys = self._load(self.path).agreement_keys()  # RosterError propagates at start
+        self._lock = threading.Lock()
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def __call__(self) -> dict[str, bytes]:
+        with self._lock:
+            try:
+                stamp = self._stat()
+                if stamp != self._stamp:
+                    self._stamp = stamp
+                    self._keys = self._load(self.path).agreement_keys()
+                    log.info(
+                        "roster %s changed: reloaded (%d platforms)", self.path, len(self._keys)
+                    )
+            except Exception:
+                log.exception("roster %s cannot be reloaded; keeping the previous one", self.path)
+            return dict(self._keys)
 
 
 class KeyHolderServer(uvicorn.Server):

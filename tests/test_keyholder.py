@@ -20,16 +20,23 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocols import delivery
+from protocols.identity import Roster, RosterEntry, save_roster
 from protocols.key_announcement import (
     AnnouncementError,
     KeyAnnouncement,
     sign_announcement,
     verify_announcement,
 )
+from protocols.masking import pairwise_secret
+from protocols.packing import debt_profile_layout
 from protocols.paillier import (
     add_ciphertexts,
     ciphertext_width,
@@ -814,3 +821,117 @@ def test_decoder_edge_cases() -> None:
     with pytest.raises(KeyHolderRefusal, match="not JSON"):
         core.decrypt_body(b"\x00garbage")
     assert core.audit.lines and json.loads(core.audit.lines[-1])["event"] == "refused"
+
+
+# ------------------------------------------------------------------ sealed delivery of totals
+
+
+def _platform_keys() -> dict[str, X25519PrivateKey]:
+    return {name: X25519PrivateKey.generate() for name in PLATFORMS}
+
+
+def _raw(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _profile_rows(seed: int, count: int) -> np.ndarray:
+    """Three platforms' (debt fen, active loans, has-active-loan) rows for ``count`` ids."""
+    rng = np.random.default_rng(seed)
+    loans = rng.integers(0, 4, size=(len(PLATFORMS), count))
+    debt = rng.integers(0, 10**7, size=(len(PLATFORMS), count)) * (loans > 0)
+    return np.stack([debt, loans, (loans > 0).astype(np.int64)], axis=-1)
+
+
+def _packed_sums(pk, rows: np.ndarray) -> list[int]:  # type: ignore[no-untyped-def]
+    """Three platforms' packed rows, encrypted and summed (no masks: they would cancel)."""
+    layout = debt_profile_layout(len(PLATFORMS))
+    bits = int(pk.n).bit_length()
+    return _encrypted_sum(pk, [layout.pack(r, bits) for r in rows])
+
+
+def _open_all(
+    sealed: dict[str, bytes], ann: KeyAnnouncement, platform_keys: dict, qid: str, rows: int
+) -> dict[str, np.ndarray]:
+    assert ann.delivery_key is not None
+    out = {}
+    for name, blob in sealed.items():
+        shared = pairwise_secret(platform_keys[name], ann.delivery_key)
+        stream = delivery.delivery_stream(shared, qid, ann.key_id, name, rows)
+        out[name] = delivery.open_rows(blob, list(range(rows)), stream)
+    return out
+
+
+def test_totals_are_sealed_for_each_participant_in_process() -> None:
+    keys = _platform_keys()
+    kh = LocalKeyHolder(
+        1024, allow_insecure_test_size=True, roster={n: _raw(k) for n, k in keys.items()}
+    )
+    ann = kh.announcement()
+    pk = verify_announcement(ann, kh.verify_key, allow_insecure_test_size=True)
+    rows = _profile_rows(7, 50)
+    qid = _qid()
+    sealed = kh.decrypt_and_seal(ann.key_id, qid, PLATFORMS, _packed_sums(pk, rows), 50)
+    assert set(sealed) == set(PLATFORMS)
+    assert all(len(b) == 50 * delivery.ROW_BYTES for b in sealed.values())
+    for name, opened in _open_all(sealed, ann, keys, qid, 50).items():
+        assert (opened == rows.sum(axis=0)).all(), name
+    # Another platform's key opens nothing meaningful.
+    stranger = pairwise_secret(X25519PrivateKey.generate(), ann.delivery_key)
+    wrong = delivery.open_rows(
+        sealed["jd"], list(range(50)), delivery.delivery_stream(stranger, qid, ann.key_id, "jd", 50)
+    )
+    assert not (wrong == rows.sum(axis=0)).all()
+
+    with pytest.raises(KeyHolderRefusal, match="not in the key holder's roster") as exc:
+        kh.decrypt_and_seal(
+            ann.key_id, _qid(), ["alipay", "webank", "mallory"], _packed_sums(pk, rows), 50
+        )
+    assert exc.value.status == 403
+    garbage = _encrypted_sum(pk, [[secrets.randbelow(int(pk.n))] * 3] * 3)  # uncancelled masks
+    with pytest.raises(KeyHolderRefusal, match="not valid totals") as exc:
+        kh.decrypt_and_seal(ann.key_id, _qid(), PLATFORMS, garbage, 50)
+    assert exc.value.status == 422
+    with pytest.raises(KeyHolderRefusal, match="count mismatch"):
+        kh.decrypt_and_seal(ann.key_id, _qid(), PLATFORMS, _packed_sums(pk, rows), 5000)
+    no_roster = LocalKeyHolder(1024, allow_insecure_test_size=True)
+    a2 = no_roster.announcement()
+    with pytest.raises(KeyHolderRefusal, match="no roster") as exc:
+        no_roster.decrypt_and_seal(a2.key_id, _qid(), PLATFORMS, [1], 1)
+    assert exc.value.status == 409
+
+
+def test_totals_are_sealed_through_the_service(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    keys = _platform_keys()
+    entries = {
+        name: RosterEntry(
+            agreement_key=_raw(k).hex(),
+            signing_key=Ed25519PrivateKey.generate()
+            .public_key()
+            .public_bytes(Encoding.Raw, PublicFormat.Raw)
+            .hex(),
+        )
+        for name, k in keys.items()
+    }
+    ks, info = _init(tmp_path)
+    pinned = bytes.fromhex(info["verify_key"])
+    roster_path = tmp_path / "roster.json"
+    save_roster(roster_path, Roster(platforms=entries, keyholder_signing_key=info["verify_key"]))
+    with (
+        _start(ks, "--roster", str(roster_path)) as running,
+        running.client(verify_key=pinned, allow_insecure_test_size=True) as client,
+    ):
+        ann = client.announcement()
+        # What a platform does with the announcement the coordinator forwards to it:
+        wire = KeyAnnouncement.from_bytes(ann.to_bytes())
+        pk = verify_announcement(wire, pinned, allow_insecure_test_size=True)
+        rows = _profile_rows(1, 40)
+        qid = _qid()
+        sealed = client.decrypt_and_seal(ann.key_id, qid, PLATFORMS, _packed_sums(pk, rows), 40)
+        for opened in _open_all(sealed, wire, keys, qid, 40).values():
+            assert (opened == rows.sum(axis=0)).all()
+        with pytest.raises(KeyHolderRefusal, match="already decrypted"):
+            client.decrypt_and_seal(ann.key_id, qid, PLATFORMS, _packed_sums(pk, rows), 40)
+    audit = ks.with_name(ks.name + ".audit.jsonl")
+    assert any(json.loads(x).get("sealed_rows") == 40 for x in audit.read_text().splitlines())
