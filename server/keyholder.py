@@ -40,6 +40,15 @@ Does not protect (even without collusion)
     answer only queries over the full enrolled platform set (or otherwise bound repeats).
     ``min_participants`` (default 3, never below 2) only stops the crudest case.
 
+Sealed delivery (``seal_rows``)
+    The coordinator knows which platforms hold each blinded identifier, so for a borrower on
+    one platform a clear total would be that platform's own figure. On request the key holder
+    therefore unpacks the sums into debt-profile totals and seals them for each participant
+    (``protocols.delivery``: X25519 between this key's delivery key, announced and signed with
+    it, and the participant's agreement key from the key holder's own copy of the roster).
+    The coordinator forwards sealed rows it cannot read. The key holder itself sees the
+    totals, but not which identifier or platform a row belongs to.
+
 Refusals carry an HTTP-style status and a one-line reason (``KeyHolderRefusal``) and are
 logged; every decryption and every refusal of an authenticated request goes to a
 hash-chained JSON-lines audit file (``AuditLog``), and decrypted query ids are kept in

@@ -9,7 +9,9 @@ Endpoints (OpenAPI at ``/openapi.json``)
     ``GET /v1/key``     the active key's freshly signed ``KeyAnnouncement``.
     ``GET /v1/keys``    announcements of every key (active and retired), no secrets.
     ``POST /v1/decrypt`` ``{key_id, query_id, participants, count, ciphertexts}`` ->
-                        ``{key_id, query_id, plaintexts}``.
+                        ``{key_id, query_id, plaintexts}``; with ``seal_rows`` (needs
+                        ``--roster``) -> ``{key_id, query_id, sealed: {platform: base64}}``,
+                        the unpacked totals sealed for each participant.
 
 Every ``/v1`` endpoint but health needs ``Authorization: Bearer <token>``; the service keeps
 only the token's SHA-256 and compares digests with ``hmac.compare_digest``. Refusals are JSON
