@@ -350,6 +350,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                         k["status"] == "active"
                         or dt.datetime.fromisoformat(k["decrypt_until"]) > dt.datetime.now(dt.UTC)
                     ),
+                    "delivery_key": k.get("delivery_public", ""),
                 }
                 for k in doc["keys"]
             ]

@@ -290,6 +290,7 @@ class KeyRecord:
             "retired_at": _ts(self.retired_at),
             "decrypt_until": _ts(self.decrypt_until),
             "can_decrypt": self.can_decrypt(now),
+            "delivery_key": self.delivery_public.hex(),
         }
 
 

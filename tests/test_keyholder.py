@@ -749,7 +749,7 @@ _near_valid = st.fixed_dictionaries(
         "count": st.integers(min_value=-2, max_value=5) | st.just(10**40) | _json,
         "ciphertexts": _b64_blobs | _json,
     },
-    optional={"extra": _json},
+    optional={"extra": _json, "seal_rows": st.integers(min_value=-1, max_value=200) | _json},
 )
 
 
