@@ -54,10 +54,14 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
-from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
 from protocols.key_announcement import KeyAnnouncement, key_id_for, sign_announcement
-from protocols.paillier import generate_keypair, public_key_to_bytes
+from protocols.paillier import (
+    PaillierPrivateKey,
+    PaillierPublicKey,
+    generate_keypair,
+    public_key_to_bytes,
+)
 
 log = logging.getLogger(__name__)
 
