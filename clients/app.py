@@ -186,7 +186,9 @@ def _check_participants(node: NodeIdentity, participants: tuple[str, ...], what:
         raise m.ProtocolError(f"{what}: this platform ({node.name}) is not a participant")
     unknown = [p for p in participants if p not in node.roster.platforms]
     if unknown:
-        raise m.ProtocolError(f"{what}: participants not enrolled in this platform's roster: {unknown}")
+        raise m.ProtocolError(
+            f"{what}: participants not enrolled in this platform's roster: {unknown}"
+        )
 
 
 def _match_start(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
@@ -272,9 +274,12 @@ def _debt_profile(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     node = node_identity(ctx, data)
     _check_participants(node, req.participants, what)
     session = matching.load_session(ctx, req.session_id, what)
-    strangers = [p for p in req.participants if p not in session.participants]
-    if strangers:
-        raise m.ProtocolError(f"{what}: {strangers} did not take part in the matching session")
+    if set(req.participants) != set(session.participants):
+        # Answers over two participant sets could be differenced to isolate one platform.
+        raise m.ProtocolError(
+            f"{what}: participants {sorted(req.participants)} are not the matching session's "
+            f"{sorted(session.participants)}"
+        )
     public_key = node.verify_key_announcement(req.announcement, req.key_id, what)
     audit = _audit(data)
     try:
@@ -299,7 +304,9 @@ def _debt_profile(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
             modulus=n,
         )
         try:
-            masks = platform_mask(node.name, node.agreement_key, node.roster_agreement_keys, mask_ctx)
+            masks = platform_mask(
+                node.name, node.agreement_key, node.roster_agreement_keys, mask_ctx
+            )
         except MaskError as exc:
             raise m.ProtocolError(f"{what}: {exc}") from exc
         masked = add_masks(plaintexts, masks, n)

@@ -99,7 +99,7 @@ def node_identity(_ctx: Context, data: PlatformData) -> NodeIdentity:
     if files is None or not files.identity or not files.roster:
         raise LookupError(
             "this node has no identity or roster: start it with --node-config "
-            "'identity=\"PATH\" roster=\"PATH\"' (see `fedcredit enrol`)"
+            '\'identity="PATH" roster="PATH"\' (see `fedcredit enrol`)'
         )
     try:
         key = (

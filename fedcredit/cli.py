@@ -434,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true")
     gen.set_defaults(func=cmd_key_generate)
 
+    from fedcredit import enrol_cli, keyholder_cli
+
+    enrol_cli.register(sub)
+    keyholder_cli.register(sub)
+
     demo = sub.add_parser(
         "demo",
         help="generate data (or use --ledgers), train federated models, run encrypted "
@@ -455,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (figures and ratios vs a same-run baseline)")
-    bench.add_argument("name", choices=["datagen", "datagen-quality", "paillier", "uci"])
+    bench.add_argument("name", choices=["datagen", "datagen-quality", "paillier", "query", "uci"])
     bench.add_argument(
         "--borrowers", type=int, help="default: 1,000,000 (datagen), 100,000 (datagen-quality)"
     )

@@ -58,14 +58,10 @@ def seal(totals: np.ndarray, stream: bytes) -> bytes:
     plain = np.ascontiguousarray(totals, dtype="<i8").tobytes()
     if len(stream) != len(plain):
         raise DeliveryError(f"keystream of {len(stream)} bytes for {len(plain)} bytes of totals")
-    return (
-        np.frombuffer(plain, dtype=np.uint8) ^ np.frombuffer(stream, dtype=np.uint8)
-    ).tobytes()
+    return (np.frombuffer(plain, dtype=np.uint8) ^ np.frombuffer(stream, dtype=np.uint8)).tobytes()
 
 
-def open_rows(
-    sealed_rows: bytes, positions: Sequence[int], stream: bytes
-) -> np.ndarray:
+def open_rows(sealed_rows: bytes, positions: Sequence[int], stream: bytes) -> np.ndarray:
     """Open sealed rows that sit at ``positions`` of a batch sealed with ``stream``."""
     count = len(positions)
     if len(sealed_rows) != count * ROW_BYTES:

@@ -200,66 +200,52 @@ def query_batch(
 def run_debt_query(
     grid: Grid,
     match: MatchResult,
-    participants: Sequence[str],
     elements: Sequence[bytes],
     keyholder: KeyHolderAPI,
     batch_size: int,
     timeout: float,
-    min_participants: int,
     sealed: bool = True,
 ) -> QueryAnswer:
-    """Totals for every element over the live participants, re-run on any dropout.
+    """Totals for every element over the session's whole participant set.
 
     ``sealed`` (the default) has the key holder seal every total for each contributing
     platform, so the coordinator, which knows who holds each blinded identifier, never reads
     a total; clear totals are for answers the bureau itself must give (a lender's query).
+    A platform that fails raises ``PlatformsFailed``: the caller starts a new matching
+    session over the others (platforms refuse a query over a strict subset of a session's
+    participants, so totals over two participant sets can never be differenced).
     """
-    live = tuple(sorted(participants))
-    dropped: dict[str, str] = {}
+    participants = match.participants
     key = QueryKey.from_keyholder(keyholder)
-    stats = QueryStats()
+    stats = QueryStats(attempts=1)
     start = time.perf_counter()
-    while True:
-        if len(live) < min_participants:
-            raise QueryFailed(
-                f"only {len(live)} platform(s) left ({', '.join(live) or 'none'}); a query "
-                f"needs at least {min_participants}. Dropped: "
-                + "; ".join(f"{n}: {r}" for n, r in dropped.items())
-            )
-        stats.attempts += 1
-        out = None if sealed else np.zeros((len(elements), m.PROFILE_FIELDS), dtype=np.int64)
-        boxes: dict[str, list[bytes]] = {name: [] for name in live}
-        batches: list[tuple[str, int]] = []
-        try:
-            for lo in range(0, len(elements), batch_size):
-                t0 = time.perf_counter()
-                batch = elements[lo : lo + batch_size]
-                totals, sealed_rows, query_id = query_batch(
-                    grid, match, live, batch, key, keyholder, timeout, stats, sealed
-                )
-                if out is not None and totals is not None:
-                    out[lo : lo + len(batch)] = totals
-                for name in live:
-                    if sealed:
-                        boxes[name].append(sealed_rows[name])
-                batches.append((query_id, len(batch)))
-                stats.batches += 1
-                stats.batch_seconds.append(time.perf_counter() - t0)
-                progress.report("encrypted debt query", lo + len(batch), len(elements), "ids")
-        except PlatformsFailed as exc:
-            log.warning("debt query: dropping %s and starting again: %s", sorted(exc.failed), exc)
-            dropped.update(exc.failed)
-            live = tuple(n for n in live if n not in exc.failed)
-            continue
-        stats.tokens = len(elements)
-        stats.seconds = time.perf_counter() - start
-        return QueryAnswer(
-            totals=out,
-            sealed={name: b"".join(parts) for name, parts in boxes.items()} if sealed else {},
-            batches=batches,
-            contributors=live,
-            dropped=dropped,
-            key=key,
-            stats=stats,
-            elements=list(elements),
+    out = None if sealed else np.zeros((len(elements), m.PROFILE_FIELDS), dtype=np.int64)
+    boxes: dict[str, list[bytes]] = {name: [] for name in participants}
+    batches: list[tuple[str, int]] = []
+    for lo in range(0, len(elements), batch_size):
+        t0 = time.perf_counter()
+        batch = elements[lo : lo + batch_size]
+        totals, sealed_rows, query_id = query_batch(
+            grid, match, participants, batch, key, keyholder, timeout, stats, sealed
         )
+        if out is not None and totals is not None:
+            out[lo : lo + len(batch)] = totals
+        if sealed:
+            for name in participants:
+                boxes[name].append(sealed_rows[name])
+        batches.append((query_id, len(batch)))
+        stats.batches += 1
+        stats.batch_seconds.append(time.perf_counter() - t0)
+        progress.report("encrypted debt query", lo + len(batch), len(elements), "ids")
+    stats.tokens = len(elements)
+    stats.seconds = time.perf_counter() - start
+    return QueryAnswer(
+        totals=out,
+        sealed={name: b"".join(parts) for name, parts in boxes.items()} if sealed else {},
+        batches=batches,
+        contributors=participants,
+        dropped={},
+        key=key,
+        stats=stats,
+        elements=list(elements),
+    )

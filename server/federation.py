@@ -125,41 +125,45 @@ def _deliver_totals(
 def private_query(
     grid: Grid, names: dict[int, str], settings: FederationSettings, keyholder: KeyHolderAPI
 ) -> tuple[MatchResult, QueryAnswer, dict[str, str]]:
-    """Matching, then the masked encrypted query; a failed platform is dropped and the step
-    re-run over the rest (never a total over a mix of participant sets)."""
+    """Private matching, then the masked encrypted query over every distinct blinded id.
+
+    A platform that fails or does not answer within ``query-timeout`` is dropped, and
+    everything runs again from a fresh matching session over the others (fresh secrets,
+    fresh pseudonyms, fresh query ids and so fresh masks): a total is never over a mix of
+    participant sets, and answers from two sets can never be lined up and differenced.
+    """
     live = {name: node for node, name in names.items()}
     dropped: dict[str, str] = {}
     while True:
         if len(live) < settings.min_participants:
             raise FederationError(
-                f"only {len(live)} platform(s) can take part in the debt query; it needs "
-                f"{settings.min_participants}. Dropped: {dropped}"
+                f"only {len(live)} platform(s) can take part in the debt query; it needs at "
+                f"least {settings.min_participants}. Dropped: "
+                + ("; ".join(f"{n}: {r}" for n, r in sorted(dropped.items())) or "none")
             )
         try:
             match = run_matching(grid, live, settings.query_timeout)
-        except PlatformsFailed as exc:
-            dropped.update(exc.failed)
-            live = {n: v for n, v in live.items() if n not in exc.failed}
-            continue
-        elements = match.union()
-        if 0 < settings.query_limit < len(elements):
-            rng = np.random.default_rng(settings.seed)
-            picked = rng.choice(len(elements), settings.query_limit, replace=False)
-            elements = [elements[i] for i in sorted(picked.tolist())]
-        try:
+            elements = match.union()
+            if 0 < settings.query_limit < len(elements):
+                rng = np.random.default_rng(settings.seed)
+                picked = rng.choice(len(elements), settings.query_limit, replace=False)
+                elements = [elements[i] for i in sorted(picked.tolist())]
             answer = run_debt_query(
                 grid,
                 match,
-                list(live),
                 elements,
                 keyholder,
                 settings.query_batch,
                 settings.query_timeout,
-                settings.min_participants,
             )
+        except PlatformsFailed as exc:
+            log.warning("dropping %s and starting the query again: %s", sorted(exc.failed), exc)
+            dropped.update(exc.failed)
+            live = {n: v for n, v in live.items() if n not in exc.failed}
+            continue
         except QueryFailed as exc:
             raise FederationError(str(exc)) from exc
-        dropped.update(answer.dropped)
+        answer.dropped = dict(dropped)
         return match, answer, dropped
 
 
@@ -229,15 +233,20 @@ def run_federation(
             summary["matching"] = match.stats()
             summary["queries"] = {
                 **stats.to_dict(),
-                "key_id": answer.key_id,
+                "key_id": answer.key.key_id,
                 "key_bits": key_bits,
                 "tokens_per_ciphertext": layout.tokens_per_plaintext(key_bits),
                 "platforms_answering": len(answer.contributors),
                 "contributors": list(answer.contributors),
                 "dropped": dropped,
                 "bytes_per_platform": round(
-                    (stats.bytes_sent + stats.bytes_received + match.bytes_sent
-                     + match.bytes_received) / len(match.participants)
+                    (
+                        stats.bytes_sent
+                        + stats.bytes_received
+                        + match.bytes_sent
+                        + match.bytes_received
+                    )
+                    / len(match.participants)
                 ),
                 "limited": limited,
             }

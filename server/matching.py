@@ -174,7 +174,10 @@ def run_matching(
         progress.report("private matching", step, count + 1, f"re-blinding round {step}")
 
     done = {
-        n: ("query.match_done", m.MatchDone(session_id=session_id, count=sizes[n], elements=current[n]))
+        n: (
+            "query.match_done",
+            m.MatchDone(session_id=session_id, count=sizes[n], elements=current[n]),
+        )
         for n in ring
     }
     result.bytes_sent += sum(len(b) for b in current.values())

@@ -20,23 +20,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from clients.app import build_client_app
 from clients.query_log import QueryLog
+from clients.received_totals import read_received_totals
 from fedcredit.datagen.config import PopulationConfig
 from fedcredit.datagen.generate import generate
 from protocols import messages as m
 from protocols.model import build_model
-from protocols.packing import DEBT_PROFILE_LAYOUT
-from protocols.paillier import (
-    ciphertexts_from_bytes,
-    decrypt_plaintexts,
-    generate_keypair,
-    public_key_to_bytes,
-)
-from server.debt_query import QueryFailed, run_debt_query
 from server.federation import load_histograms, run_federation
-from server.keyholder import KeyHolder, KeyHolderRefusal
 from server.settings import FederationSettings
 from server.training import FederationError
 from tests.inprocess import InProcessGrid
+from tests.parties import Parties, enrol
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +55,18 @@ def truth(population) -> dict[str, tuple[int, int, int]]:  # type: ignore[no-unt
 
 
 @pytest.fixture(scope="module")
-def federation(ledgers, tmp_path_factory):  # type: ignore[no-untyped-def]
+def parties(ledgers, tmp_path_factory) -> Parties:  # type: ignore[no-untyped-def]
+    return enrol(ledgers, tmp_path_factory.mktemp("parties"))
+
+
+@pytest.fixture(scope="module")
+def federation(ledgers, parties, tmp_path_factory):  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("federation")
-    grid = InProcessGrid(build_client_app(ledgers), len(ledgers))
+    grid = InProcessGrid(parties.client_app(), len(ledgers))
     settings = FederationSettings.model_validate(
         {"out-dir": str(out), "num-rounds": 3, "model": "lr,mlp", "query-batch": 1000}
     )
-    summary = run_federation(grid, settings)
+    summary = run_federation(grid, settings, parties.keyholder)
     return summary, out, grid
 
 
@@ -77,7 +75,7 @@ def _send(grid: InProcessGrid, node: int, message_type: str, content: RecordDict
     return next(iter(grid.send_and_receive([msg])))
 
 
-def test_pipeline_outputs(federation, truth) -> None:  # type: ignore[no-untyped-def]
+def test_pipeline_outputs(federation, truth, ledgers) -> None:  # type: ignore[no-untyped-def]
     summary, out, _ = federation
     assert summary["status"] == "ok"
     assert summary["platforms"] == ["platform-01", "platform-02", "platform-03"]
@@ -86,12 +84,17 @@ def test_pipeline_outputs(federation, truth) -> None:  # type: ignore[no-untyped
     for key in ("federated", "federated_cross_platform"):
         assert 0.0 <= summary[key]["auc"] <= 1.0  # tiny data: quality is tested elsewhere
         assert summary[key]["n"] == sum(p["test_rows"] for p in summary["platform_details"])
-    # Every borrower of every platform was profiled, and every decrypted total is exact.
-    totals = pq.read_table(out / "query-totals.parquet").to_pydict()
-    assert summary["queries"]["count"] == len(truth) == len(totals["token"])
-    for i, tok in enumerate(totals["token"]):
-        got = (totals["total_debt_fen"][i], totals["active_loans"][i], totals["lenders"][i])
-        assert got == truth[tok]
+    # Every borrower of every platform was profiled, and every platform received exact totals
+    # for each of its own borrowers (and for nobody else).
+    assert summary["queries"]["count"] == len(truth)
+    assert summary["queries"]["contributors"] == summary["platforms"]
+    received = 0
+    for location in ledgers:
+        got = read_received_totals(location)
+        assert got and all(got[tok] == truth[tok] for tok in got)
+        received += len(got)
+    assert received == sum(summary["matching"]["list_sizes"].values())
+    assert not (out / "query-totals.parquet").exists()
     # Per-round histories and per-platform figures for each model.
     for kind in ("lr", "mlp"):
         for feature_set in ("local", "cross"):
@@ -124,7 +127,9 @@ def test_no_raw_rows_cross_the_wire(federation, ledgers) -> None:  # type: ignor
         "query.feature_stats": ({"payload"}, set()),
         "train": ({"metrics"}, {"arrays"}),
         "evaluate": ({"metrics"}, set()),
-        "query.applicants": ({"payload"}, set()),
+        "query.match_start": ({"payload"}, set()),
+        "query.match_blind": ({"payload"}, set()),
+        "query.match_done": ({"payload"}, set()),
         "query.debt_profile": ({"payload"}, set()),
         "query.totals": ({"payload"}, set()),
     }
@@ -151,33 +156,6 @@ def test_debt_profile_replies_do_not_reveal_holdings(federation) -> None:  # typ
     assert sizes and all(len(s) == 1 for s in sizes.values())
 
 
-def _profile_request(tokens: list[str], pk_bytes: bytes, query_id: str | None = None):  # type: ignore[no-untyped-def]
-    return m.DebtProfileRequest(
-        query_id=query_id or uuid.uuid4().hex, public_key=pk_bytes, tokens=m.tokens_to_bytes(tokens)
-    )
-
-
-def test_platform_encrypts_zero_for_strangers_and_refuses_replays(ledgers) -> None:  # type: ignore[no-untyped-def]
-    grid = InProcessGrid(build_client_app(ledgers), len(ledgers))
-    node = next(iter(grid.get_node_ids()))
-    pk, sk = generate_keypair(2048)
-    stranger = "ab" * 32
-    request = _profile_request([stranger] * 5, public_key_to_bytes(pk))
-    reply = _send(grid, node, "query.debt_profile", request.to_content())
-    body = m.DebtProfileReply.from_content(reply.content, "reply")
-    cts = ciphertexts_from_bytes(pk, body.ciphertexts, body.count)
-    assert decrypt_plaintexts(sk, cts) == [0]
-    again = _send(grid, node, "query.debt_profile", request.to_content())
-    assert again.has_error() and "already answered" in again.error.reason
-    log = QueryLog(ledgers[0])
-    try:
-        entries = [e for e in log.entries() if e["query_id"] == request.query_id]
-        assert [e["outcome"] for e in entries] == ["answered", "refused"]
-        assert log.verify() >= 2
-    finally:
-        log.close()
-
-
 @pytest.mark.parametrize(
     ("message_type", "content", "reason"),
     [
@@ -188,39 +166,39 @@ def test_platform_encrypts_zero_for_strangers_and_refuses_replays(ledgers) -> No
             "not JSON",
         ),
         (
-            "query.debt_profile",
+            "query.match_blind",
             RecordDict(
                 {
                     "payload": ConfigRecord(
                         {
-                            "payload": json.dumps({"query_id": "0" * 32}).encode(),
-                            "public_key": b"x" * 300,
-                            "tokens": b"y" * 33,
+                            "payload": json.dumps(
+                                {"session_id": "0" * 32, "origin": "x", "count": 1, "step": 1}
+                            ).encode(),
+                            "elements": b"y" * 33,
                         }
                     )
                 }
             ),
-            "multiple of 32",
+            "element block of 33 bytes",
         ),
         (
-            "query.debt_profile",
-            RecordDict(
-                {
-                    "payload": ConfigRecord(
-                        {
-                            "payload": json.dumps({"query_id": "1" * 32}).encode(),
-                            "public_key": b"x" * 300,
-                            "tokens": b"y" * 32,
-                        }
-                    )
-                }
-            ),
-            "public key refused",
+            "query.match_blind",
+            m.MatchBlind(
+                session_id="1" * 32, origin="platform-02", step=1, count=0, elements=b""
+            ).to_content(),
+            "unknown matching session",
         ),
         (
-            "query.totals",
-            m.TotalsDelivery(tokens=b"z" * 32, totals=b"\0" * 24).to_content(),
-            "does not hold",
+            "query.match_start",
+            m.MatchStart(
+                session_id="2" * 32, participants=("platform-02", "platform-03")
+            ).to_content(),
+            "is not a participant",
+        ),
+        (
+            "query.match_start",
+            m.MatchStart(session_id="3" * 32, participants=("platform-01", "mallory")).to_content(),
+            "not enrolled",
         ),
         (
             "query.feature_stats",
@@ -236,13 +214,13 @@ def test_platform_encrypts_zero_for_strangers_and_refuses_replays(ledgers) -> No
             ).to_content(),
             "before this platform received its totals",
         ),
-        ("query.describe", m.ApplicantsRequest().to_content(), "test_share"),
+        ("query.describe", m.Ack(stored=1).to_content(), "test_share"),
     ],
 )
 def test_hostile_or_malformed_messages_are_refused(
-    ledgers: list[str], message_type: str, content: RecordDict, reason: str, caplog
+    parties: Parties, message_type: str, content: RecordDict, reason: str, caplog
 ) -> None:  # type: ignore[no-untyped-def]
-    grid = InProcessGrid(build_client_app(ledgers), len(ledgers))
+    grid = InProcessGrid(parties.client_app(), len(parties.ledgers))
     node = next(iter(grid.get_node_ids()))
     reply = _send(grid, node, message_type, content)
     assert reply.has_error()
@@ -264,38 +242,10 @@ def test_train_with_wrong_weights_is_refused(ledgers: list[str]) -> None:
     assert reply.has_error() and "do not fit" in reply.error.reason
 
 
-def test_coordinator_rejects_bad_ciphertexts(ledgers: list[str]) -> None:
-    """A node replying with a ciphertext outside the key's range fails the batch, by name."""
-    honest = build_client_app(ledgers)
-
-    class Tampering(InProcessGrid):
-        def push_messages(self, messages):  # type: ignore[no-untyped-def]
-            ids = list(super().push_messages(messages))
-            victim = self._replies[ids[0]]
-            payload = victim.content.config_records["payload"]
-            blob = bytearray(payload["ciphertexts"])  # type: ignore[arg-type]
-            blob[:8] = b"\xff" * 8  # now >= n**2
-            payload["ciphertexts"] = bytes(blob)
-            return ids
-
-    grid = Tampering(honest, len(ledgers))
-    keyholder = KeyHolder(2048)
-    with pytest.raises(QueryFailed, match="invalid ciphertext"):
-        run_debt_query(grid, list(grid.get_node_ids()), ["cd" * 32], keyholder, 10, 60)
-
-
-def test_key_holder_decrypts_only_sums() -> None:
-    keyholder = KeyHolder(2048)
-    with pytest.raises(KeyHolderRefusal, match="one platform"):
-        keyholder.decrypt_sums([1], contributors=1)
-    with pytest.raises(KeyHolderRefusal, match="overflow"):
-        keyholder.decrypt_sums([1], contributors=DEBT_PROFILE_LAYOUT.max_contributors + 1)
-
-
 def test_mismatched_federation_keys_stop_the_run(tmp_path: Path, ledgers: list[str]) -> None:
-    other = generate(PopulationConfig(platforms=2, borrowers=1000, seed=3), tmp_path / "other")
-    mixed = [ledgers[0], str(other.platforms[1].ledger)]
-    grid = InProcessGrid(build_client_app(mixed), 2)
+    other = generate(PopulationConfig(platforms=3, borrowers=1000, seed=3), tmp_path / "other")
+    mixed = [ledgers[0], ledgers[1], str(other.platforms[2].ledger)]
+    grid = InProcessGrid(build_client_app(mixed), 3)
     settings = FederationSettings.model_validate({"out-dir": str(tmp_path / "run")})
     with pytest.raises(FederationError, match="different federation keys"):
         run_federation(grid, settings)
@@ -347,20 +297,14 @@ def test_settings_reject_bad_values() -> None:
         FederationSettings.from_run_config({"no-such-key": 1})
 
 
-def test_limited_query_skips_cross_model(tmp_path: Path, ledgers: list[str], truth) -> None:  # type: ignore[no-untyped-def]
-    grid = InProcessGrid(build_client_app(ledgers), len(ledgers))
+def test_limited_query_skips_cross_model(tmp_path: Path, parties: Parties) -> None:
+    grid = InProcessGrid(parties.client_app(), len(parties.ledgers))
     settings = FederationSettings.model_validate(
         {"out-dir": str(tmp_path), "stages": "query,cross", "query-limit": 100, "model": "lr"}
     )
-    summary = run_federation(grid, settings)
+    summary = run_federation(grid, settings, parties.keyholder)
     assert summary["queries"]["count"] == 100
     assert "cross_skipped" in summary
-    totals = pq.read_table(tmp_path / "query-totals.parquet").to_pydict()
-    assert all(
-        (totals["total_debt_fen"][i], totals["active_loans"][i], totals["lenders"][i]) == truth[tok]
-        for i, tok in enumerate(totals["token"])
-    )
-    assert np.all(np.asarray(totals["lenders"]) <= 3)
 
 
 def test_bureau_code_never_imports_platform_code() -> None:

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,9 @@ class DemoError(RuntimeError):
 class DemoOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    platforms: int = Field(default=3, ge=2, le=50)
+    # Three at least: with two, a platform's totals minus its own figures would be the other
+    # platform's figures (docs/protocol.md), so the debt query refuses to run.
+    platforms: int = Field(default=3, ge=3, le=50)
     borrowers: int = Field(default=100_000, ge=1_000)
     rounds: int = Field(default=20, ge=1, le=500)
     seed: int = Field(default=7, ge=0)
@@ -75,8 +77,13 @@ class _DropDeprecationNotice(logging.Filter):
         return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
-def _run_simulation(opts: DemoOptions, ledgers: list[str], fed_out: Path) -> dict[str, Any]:
-    """The same ServerApp and ClientApp as deployment, on Flower's simulation engine."""
+def _run_simulation(
+    opts: DemoOptions, ledgers: list[str], fed_out: Path, mods: Sequence[Any] = ()
+) -> dict[str, Any]:
+    """The same ServerApp and ClientApp as deployment, on Flower's simulation engine.
+
+    ``mods`` are Flower mods for every ClientApp (the test suite's wire recorder).
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -92,9 +99,14 @@ def _run_simulation(opts: DemoOptions, ledgers: list[str], fed_out: Path) -> dic
         logging.getLogger("flwr").setLevel(logging.WARNING)
 
     from clients.app import build_client_app
+    from fedcredit.local_federation import start_local_federation
     from server.app import build_server_app
 
+    # The key holder runs as its own process with its own keystore, and every platform has
+    # its own identity and pinned roster, exactly as in a deployment.
+    local = start_local_federation(ledgers, fed_out.parent / "parties", key_bits=opts.key_bits)
     overrides = {
+        **local.overrides(),
         "out-dir": str(fed_out),
         "num-rounds": opts.rounds,
         "model": opts.model,
@@ -112,7 +124,9 @@ def _run_simulation(opts: DemoOptions, ledgers: list[str], fed_out: Path) -> dic
     try:
         run_simulation(
             server_app=build_server_app(overrides),
-            client_app=build_client_app(ledgers),
+            client_app=build_client_app(
+                ledgers, local.enrolment.identities, local.enrolment.roster, mods
+            ),
             num_supernodes=len(ledgers),
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -124,6 +138,8 @@ def _run_simulation(opts: DemoOptions, ledgers: list[str], fed_out: Path) -> dic
         if summary_path.exists():
             reason = json.loads(summary_path.read_text()).get("error", reason)
         raise DemoError(f"the federation failed: {reason}") from exc
+    finally:
+        local.close()
     if not summary_path.exists():
         raise DemoError(f"the federation wrote no summary ({summary_path})")
     summary = json.loads(summary_path.read_text())
@@ -132,22 +148,30 @@ def _run_simulation(opts: DemoOptions, ledgers: list[str], fed_out: Path) -> dic
     return summary
 
 
-def _check_totals(totals_path: Path, truth_path: Path) -> dict[str, Any]:
-    """Every decrypted total against the generator's truth file."""
-    got = pq.read_table(totals_path).to_pydict()
+def _check_totals(ledgers: list[str], truth_path: Path) -> dict[str, Any]:
+    """Every total the platforms received against the generator's truth file.
+
+    Checked on what each platform stored (its ``received_totals``): the bureau never sees
+    a token, and never reads a total.
+    """
+    from clients.received_totals import read_received_totals
+
     truth = pq.read_table(
         truth_path, columns=["token", "total_debt_fen", "active_loans", "lenders"]
     ).to_pydict()
     index = {t: i for i, t in enumerate(truth["token"])}
-    mismatches = 0
-    for i, token in enumerate(got["token"]):
-        j = index.get(token)
-        if j is None or any(got[c][i] != truth[c][j] for c in truth if c != "token"):
-            mismatches += 1
+    cols = ("total_debt_fen", "active_loans", "lenders")
+    mismatches = checked = 0
+    for location in ledgers:
+        for token, got in read_received_totals(location).items():
+            checked += 1
+            j = index.get(token)
+            if j is None or got != tuple(truth[c][j] for c in cols):
+                mismatches += 1
     return {
-        "all_totals_match": mismatches == 0 and len(got["token"]) > 0,
+        "all_totals_match": mismatches == 0 and checked > 0,
         "mismatches": mismatches,
-        "checked": len(got["token"]),
+        "checked": checked,
     }
 
 
@@ -180,6 +204,11 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
     t = time.perf_counter()
     if opts.ledgers:
         ledgers = list(opts.ledgers)
+        if len(ledgers) < 3:
+            raise DemoError(
+                f"--ledgers: {len(ledgers)} given; the private debt query needs at least three "
+                "platforms (with two, each would learn the other's figures from the totals)"
+            )
         for location in ledgers:  # a clear error now, not a failed node inside Ray later
             try:
                 with open_ledger(location) as ledger:
@@ -265,7 +294,7 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
     bayes_rows: float | None = None
     if truth_path is not None:
         step("checks", 0, 0, "decrypted totals against the truth file")
-        queries.update(_check_totals(fed_out / "query-totals.parquet", truth_path))
+        queries.update(_check_totals(ledgers, truth_path))
         bayes = round(float(summary_meta["bayes_auc"]), 4)
         bayes_rows = _bayes_on_test_rows(platforms, truth_path, opts.test_share)
     else:
