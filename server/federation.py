@@ -28,11 +28,11 @@ import numpy as np
 from flwr.serverapp import Grid
 
 from protocols import messages as m
+from protocols.delivery import ROW_BYTES
 from protocols.features import CROSS_PLATFORM_FEATURES
 from protocols.metrics import ScoreHistogram
-from server import progress
 from protocols.packing import debt_profile_layout
-from protocols.delivery import ROW_BYTES
+from server import progress
 from server.artifacts import save_model, write_json
 from server.debt_query import QueryAnswer, QueryFailed, run_debt_query
 from server.keyholder_client import KeyHolderAPI, connect_keyholder

@@ -12,7 +12,6 @@ import json
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch

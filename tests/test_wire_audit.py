@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from protocols.packing import DEBT_PROFILE_LAYOUT
+from protocols.packing import debt_profile_layout
 from tests.conftest import REPO
 from tests.wire_audit import (
     DEBT_PROFILE_REPLY,
@@ -42,7 +42,6 @@ from tests.wire_audit import (
     decryptable_values,
     find_tokens,
     load_views,
-    recording_client_app,
     scan_files,
     summarise_hits,
 )
@@ -52,6 +51,8 @@ pytestmark = pytest.mark.slow
 PLATFORMS = 3
 BORROWERS = 3_000
 SEED = 11
+# The query packs with headroom for exactly its participants (protocols/packing.py).
+LAYOUT = debt_profile_layout(PLATFORMS)
 
 
 @dataclasses.dataclass
@@ -67,31 +68,30 @@ class AuditRun:
     private_key: Any
 
 
-def _private_key_for_run(captured: list[Any]) -> Any:
-    """The run's Paillier private key, as the key holder holds it.
+def _private_key_for_run(parties_dir: Path) -> Any:
+    """The run's Paillier private key, read from the key holder's keystore.
 
-    TODAY'S PROTOCOL: the ServerApp runs inside this process (``run_simulation`` starts it
-    in a thread), and it creates ``server.keyholder.KeyHolder`` there; the patched
-    constructor (see ``_capture_keyholders``) recorded the instance, which keeps the key in
-    ``_private_key``.
-
-    NEW PROTOCOL: the key holder runs in its own process; read the private key from the key
-    holder's keystore instead (its path in the run's out-dir or the key holder's directory).
+    The key holder runs in its own process (``fedcredit.local_federation``); the audit plays
+    the key holder by opening its keystore (the key file sits beside it in a test run) after
+    the run, to try every decryption a curious key holder could.
     """
-    if len(captured) != 1:
-        raise AssertionError(f"expected one key holder in the run, saw {len(captured)}")
-    return captured[0]._private_key  # the audit plays the key holder
+    from server.keystore import Keystore, KeystoreSecret
+
+    keyholder_dir = parties_dir / "keyholder"
+    keystore = Keystore.open(
+        keyholder_dir / "keystore.json",
+        KeystoreSecret.from_key_file(keyholder_dir / "keystore.key"),
+    )
+    return keystore.active.private_key
 
 
 @pytest.fixture(scope="module")
 def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditRun]:
-    from clients import app as client_module
     from clients.platform_data import load_platform_data
     from fedcredit.datagen.config import PopulationConfig
     from fedcredit.datagen.generate import generate, seeded_federation_key
     from fedcredit.demo.run import DemoOptions, _run_simulation
     from protocols.tokens import write_federation_key
-    from server import keyholder as keyholder_module
 
     base = tmp_path_factory.mktemp("wire-audit")
     data_dir = base / "data"
@@ -116,26 +116,13 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditRun]:
         key_bits=2048,
         query_batch=2_000,
     )
-    captured: list[Any] = []
-    real_build = client_module.build_client_app
-    real_init = keyholder_module.KeyHolder.__init__
-
-    def recording_build(ledgers_: list[str] | None = None) -> Any:
-        return recording_client_app(real_build(ledgers_), WireRecorder(records_dir))
-
-    def capturing_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        real_init(self, *args, **kwargs)
-        captured.append(self)
-
     with pytest.MonkeyPatch.context() as mp:
         # Ray workers unpickle the recorder by reference: they must import this checkout.
         mp.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        # The demo imports build_client_app from clients.app at call time: this is the hook.
-        mp.setattr(client_module, "build_client_app", recording_build)
-        mp.setattr(keyholder_module.KeyHolder, "__init__", capturing_init)
-        _run_simulation(opts, ledgers, fed_out)
+        # The demo's own code path, with the recorder as a Flower mod on every ClientApp.
+        _run_simulation(opts, ledgers, fed_out, mods=[WireRecorder(records_dir)])
 
     coordinator, platforms = load_views(records_dir)
     own_tokens: dict[int, set[str]] = {}
@@ -151,7 +138,7 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditRun]:
         tokens=TokenIndex(set().union(*own_tokens.values())),
         own_tokens=own_tokens,
         own_profiles=own_profiles,
-        private_key=_private_key_for_run(captured),
+        private_key=_private_key_for_run(fed_out.parent / "parties"),
     )
 
 
@@ -169,7 +156,7 @@ def test_audit_saw_the_whole_federation(audit: AuditRun) -> None:
     assert {"train", "evaluate"} <= set(types), f"no training traffic recorded: {types}"
     errors = [r for r in audit.coordinator if r.error]
     assert not errors, f"{len(errors)} error replies (first: {errors[0].error})"
-    sums = check_sums(audit.coordinator, audit.private_key)
+    sums = check_sums(audit.coordinator, audit.private_key, layout=LAYOUT)
     assert sums.full_sums > 0 and sums.full_sums_valid == sums.full_sums, (
         f"only {sums.full_sums_valid} of {sums.full_sums} full sums decrypt to valid packed "
         "totals: the key or the ciphertext parsing in wire_audit's protocol section is wrong"
@@ -203,7 +190,7 @@ def test_scanners_find_planted_tokens(audit: AuditRun, tmp_path: Path) -> None:
     # One platform's unmasked packed figures, encrypted under the run's key, are flagged.
     pk = audit.private_key.public_key
     rows = np.array([[123_456, 2, 1], [0, 0, 0]], dtype=np.int64)
-    plain = DEBT_PROFILE_LAYOUT.pack(rows, int(pk.n).bit_length())
+    plain = LAYOUT.pack(rows, int(pk.n).bit_length())
     fake = dataclasses.replace(
         reply,
         content={
@@ -217,7 +204,9 @@ def test_scanners_find_planted_tokens(audit: AuditRun, tmp_path: Path) -> None:
             }
         },
     )
-    flagged = [d for d in decryptable_values([fake], audit.private_key) if d.rows is not None]
+    flagged = [
+        d for d in decryptable_values([fake], audit.private_key, LAYOUT) if d.rows is not None
+    ]
     assert flagged and tuple(flagged[0].rows[0]) == (123_456, 2, 1)
 
 
@@ -244,7 +233,7 @@ def test_platforms_receive_no_plaintext_token(audit: AuditRun) -> None:
 
 
 def test_no_single_platform_figure_decrypts(audit: AuditRun) -> None:
-    values = decryptable_values(audit.coordinator, audit.private_key)
+    values = decryptable_values(audit.coordinator, audit.private_key, LAYOUT)
     assert values, "no ciphertexts to decrypt"
     single = [v for v in values if v.rows is not None]
     nonzero = [
@@ -271,7 +260,7 @@ def test_no_single_platform_figure_decrypts(audit: AuditRun) -> None:
 
 
 def test_only_full_sums_decrypt(audit: AuditRun) -> None:
-    sums = check_sums(audit.coordinator, audit.private_key)
+    sums = check_sums(audit.coordinator, audit.private_key, layout=LAYOUT)
     assert sums.partial_sums > 0, "no partial sums to check (fewer than three platforms?)"
     assert sums.partial_sums_valid == 0, (
         f"partial sums decrypt: {sums.partial_sums_valid} of {sums.partial_sums} sampled "
