@@ -164,8 +164,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ledgers = None
     if args.ledgers:
         ledgers = [x.strip() for x in args.ledgers.split(",") if x.strip()]
-        if len(ledgers) < 2:
-            raise UsageError("--ledgers needs at least two ledgers, separated by commas")
+        if len(ledgers) < 3:
+            raise UsageError(
+                "--ledgers needs at least three ledgers, separated by commas: the private debt "
+                "query refuses fewer (with two, each platform would learn the other's figures)"
+            )
         for loc in ledgers:
             if "://" not in loc and not Path(loc).is_file():
                 raise UsageError(f"--ledgers: no such ledger file: {loc}")

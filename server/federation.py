@@ -252,6 +252,12 @@ def run_federation(
             }
             seconds["matching"] = match.seconds
             seconds["query"] = time.perf_counter() - t
+            if not limited:
+                # Every contributing platform gets the totals of its own borrowers.
+                t = time.perf_counter()
+                _deliver_totals(grid, match, answer, settings)
+                seconds["deliver-totals"] = time.perf_counter() - t
+                summary["queries"]["delivered_to"] = list(answer.contributors)
             if "cross" in settings.stage_list and dropped:
                 summary["cross_skipped"] = (
                     f"platforms dropped out of the query ({', '.join(sorted(dropped))}); the "
@@ -263,9 +269,6 @@ def run_federation(
                     "totals for every platform's borrowers"
                 )
             elif "cross" in settings.stage_list:
-                t = time.perf_counter()
-                _deliver_totals(grid, match, answer, settings)
-                seconds["deliver-totals"] = time.perf_counter() - t
                 cross = [*features, *CROSS_PLATFORM_FEATURES]
                 summary["features"]["cross"] = cross
                 for kind in settings.models:

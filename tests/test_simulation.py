@@ -59,7 +59,9 @@ def test_demo_on_simulation_engine(tmp_path: Path) -> None:
     assert 0.6 < report["bayes_auc"] < 0.9
     queries = report["queries"]
     assert queries["all_totals_match"] is True and queries["mismatches"] == 0
-    assert queries["count"] == queries["checked"] > 0
+    # Every platform checked the totals it received for each of its own borrowers.
+    assert queries["checked"] >= queries["count"] > 0
+    assert queries["contributors"] == ["platform-01", "platform-02", "platform-03"]
     assert {"datagen", "federation", "baselines", "total"} <= set(report["seconds"])
     for name in ("report.md", "roc.png", "scores.png"):
         assert (out / name).stat().st_size > 0
@@ -74,7 +76,7 @@ def test_demo_on_existing_ledgers_reports_unavailable_not_invented(tmp_path: Pat
     from fedcredit.datagen.config import PopulationConfig
     from fedcredit.datagen.generate import generate
 
-    data = generate(PopulationConfig(platforms=2, borrowers=3000, seed=4), tmp_path / "data")
+    data = generate(PopulationConfig(platforms=3, borrowers=3000, seed=4), tmp_path / "data")
     (tmp_path / "data" / "evaluation" / "truth.parquet").unlink()  # as with real ledgers
     ledgers = ",".join(str(p.ledger) for p in data.platforms)
     out = tmp_path / "demo"
@@ -89,7 +91,7 @@ def test_demo_on_existing_ledgers_reports_unavailable_not_invented(tmp_path: Pat
     assert report["queries"]["all_totals_match"] is None
     assert {"bayes_auc", "all_totals_match"} <= set(report["unavailable"])
     assert report["data"]["source"] == "ledgers"
-    assert set(report["local_only"]) == {"platform-01", "platform-02"}
+    assert set(report["local_only"]) == {"platform-01", "platform-02", "platform-03"}
     assert report["queries"]["count"] > 0
     assert "unavailable" in (out / "report.md").read_text()
 
@@ -98,8 +100,13 @@ def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
     cases = [
         (["--borrowers", "10"], "--borrowers"),
         (["--ledgers", str(tmp_path / "missing.sqlite") + ",x"], "no such ledger"),
-        (["--ledgers", "only-one"], "at least two"),
-        (["--ledgers", f"{REPO / 'README.md'},{REPO / 'Makefile'}"], "not a fedcredit ledger"),
+        (["--ledgers", "only-one"], "at least three"),
+        (["--ledgers", "a,b"], "at least three"),
+        (["--platforms", "2"], "--platforms"),
+        (
+            ["--ledgers", f"{REPO / 'README.md'},{REPO / 'Makefile'},{REPO / 'README.md'}"],
+            "not a fedcredit ledger",
+        ),
         (["--key-bits", "1024"], "--key-bits"),
         (["--model", "svm"], "model"),
     ]
