@@ -46,7 +46,10 @@ def delivery_stream(shared: bytes, query_id: str, key_id: str, platform: str, ro
         salt = bytes.fromhex(query_id)
     except ValueError:
         raise DeliveryError(f"query id {query_id!r} is not hex") from None
-    info = b"|".join((DELIVERY_INFO, key_id.encode(), platform.encode()))
+    try:
+        info = b"|".join((DELIVERY_INFO, key_id.encode(), platform.encode()))
+    except UnicodeEncodeError:
+        raise DeliveryError("key id and platform name must be encodable text") from None
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(shared)
     # One key per (query, key id, platform): a zero nonce is never reused under a key.
     encryptor = Cipher(algorithms.ChaCha20(key, b"\0" * 16), mode=None).encryptor()
@@ -66,10 +69,12 @@ def open_rows(sealed_rows: bytes, positions: Sequence[int], stream: bytes) -> np
     count = len(positions)
     if len(sealed_rows) != count * ROW_BYTES:
         raise DeliveryError(f"{len(sealed_rows)} sealed bytes for {count} rows")
-    pos = np.asarray(positions, dtype=np.int64)
+    if len(stream) % ROW_BYTES:
+        raise DeliveryError(f"a keystream of {len(stream)} bytes is not whole rows")
     limit = len(stream) // ROW_BYTES
-    if count and (pos.min() < 0 or pos.max() >= limit):
+    if any(not 0 <= int(p) < limit for p in positions):
         raise DeliveryError(f"a row position is outside the batch of {limit} rows")
+    pos = np.asarray(positions, dtype=np.int64)
     ks = np.frombuffer(stream, dtype=np.uint8).reshape(-1, ROW_BYTES)[pos]
     rows = np.frombuffer(sealed_rows, dtype=np.uint8).reshape(-1, ROW_BYTES) ^ ks
     return rows.view("<i8").reshape(count, PROFILE_FIELDS).astype(np.int64)

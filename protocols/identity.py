@@ -129,7 +129,7 @@ def _read_json(path: Path, kind: str, error: type[IdentityError]) -> Any:
         raise error(f"{path}: cannot read {kind} file: {exc}") from None
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise error(f"{path}: not valid JSON: {exc}") from None
 
 

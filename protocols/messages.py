@@ -29,7 +29,14 @@ from typing import Annotated, ClassVar, Literal, Self
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 TOKEN_BYTES = 32
 MAX_TOKENS_PER_BATCH = 50_000
@@ -51,7 +58,8 @@ class ProtocolError(ValueError):
 
 
 class Payload(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Strict: a JSON true, "1" or 1.0 is not a count. Unknown fields are refused.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     def to_content(self) -> RecordDict:
         record = ConfigRecord({PAYLOAD_KEY: self.model_dump_json().encode()})
@@ -86,6 +94,12 @@ class Payload(BaseModel):
                 for e in exc.errors()
             )
             raise ProtocolError(f"{what}: {problems}") from exc
+        except ProtocolError as exc:
+            raise ProtocolError(f"{what}: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            # Not UTF-8, an integer literal beyond Python's digit limit, nesting too deep:
+            # hostile JSON is refused like any other malformed payload.
+            raise ProtocolError(f"{what}: payload is not acceptable JSON: {exc}") from exc
 
     @classmethod
     def _parse(cls, raw: bytes, binary: dict[str, object]) -> Self:
@@ -144,6 +158,8 @@ def ints_to_bytes(values: np.ndarray) -> bytes:
 
 
 def ints_from_bytes(blob: bytes, rows: int, cols: int) -> np.ndarray:
+    if rows < 0 or cols < 0:
+        raise ProtocolError(f"integer block of {rows} x {cols}: negative shape")
     if len(blob) != rows * cols * 8:
         raise ProtocolError(f"integer block of {len(blob)} bytes, expected {rows * cols * 8}")
     return np.frombuffer(blob, dtype="<i8").reshape(rows, cols).astype(np.int64)
@@ -217,7 +233,12 @@ class ModelInstructions(_FeatureSpec):
 
 
 PlatformName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-Participants = Annotated[tuple[PlatformName, ...], Field(min_length=2, max_length=MAX_PARTICIPANTS)]
+# JSON has arrays, not tuples: a list of names is the one conversion strict mode allows here.
+Participants = Annotated[
+    tuple[PlatformName, ...],
+    BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v),
+    Field(min_length=2, max_length=MAX_PARTICIPANTS),
+]
 
 
 def _unique(names: tuple[str, ...]) -> tuple[str, ...]:

@@ -55,8 +55,6 @@ Masks (key holder)
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -140,7 +138,7 @@ class SlotLayout(BaseModel):
 
     def plaintexts_for(self, tokens: int, key_bits: int) -> int:
         """How many plaintexts (and so ciphertexts) ``tokens`` tokens need."""
-        return math.ceil(tokens / self.tokens_per_plaintext(key_bits))
+        return -(-tokens // self.tokens_per_plaintext(key_bits))
 
     def check_contributors(self, count: int) -> None:
         """Refuse to combine more contributions than the headroom was sized for."""
@@ -205,7 +203,7 @@ class SlotLayout(BaseModel):
         tpp = self.tokens_per_plaintext(key_bits)
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
-        expected = math.ceil(tokens / tpp)
+        expected = -(-tokens // tpp)  # integer ceiling: exact for any token count
         if len(plaintexts) != expected:
             raise ValueError(
                 f"{tokens} tokens need {expected} plaintexts at {key_bits} bits, "

@@ -99,7 +99,7 @@ def test_demo_on_existing_ledgers_reports_unavailable_not_invented(tmp_path: Pat
 def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
     cases = [
         (["--borrowers", "10"], "--borrowers"),
-        (["--ledgers", str(tmp_path / "missing.sqlite") + ",x"], "no such ledger"),
+        (["--ledgers", str(tmp_path / "missing.sqlite") + ",x,y"], "no such ledger"),
         (["--ledgers", "only-one"], "at least three"),
         (["--ledgers", "a,b"], "at least three"),
         (["--platforms", "2"], "--platforms"),
