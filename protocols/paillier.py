@@ -458,12 +458,11 @@ def djn_table(pk: PaillierPublicKey, *, window_bits: int = DJN_WINDOW_BITS) -> D
     with _TABLES_LOCK:
         table = _TABLES.get(key)
         if table is None:
-            table = DJNTable(key[0], window_bits=window_bits)
-            _TABLES[key] = table
-            while len(_TABLES) > DJN_TABLE_CACHE_SIZE:
-                _TABLES.popitem(last=False)
+            table = _TABLES[key] = DJNTable(key[0], window_bits=window_bits)
         else:
             _TABLES.move_to_end(key)
+        while len(_TABLES) > max(1, DJN_TABLE_CACHE_SIZE):
+            _TABLES.popitem(last=False)
         return table
 
 
