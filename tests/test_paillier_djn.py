@@ -240,3 +240,35 @@ def test_2048_bit_djn_round_trip() -> None:
     cts = P.encrypt_plaintexts(pk, ms, workers=2, obfuscation="djn")
     assert P.decrypt_plaintexts(sk, cts) == ms
     assert len(set(P.encrypt_plaintexts(pk, [0, 0], workers=1))) == 2
+
+
+def test_bench_reports_both_modes_and_decryption(monkeypatch) -> None:
+    """The benchmark's JSON carries both modes and decryption; sizes shrunk to stay fast."""
+    from fedcredit.bench import paillier_speed as B
+
+    monkeypatch.setattr(B, "RATE_SECONDS", 0.01)
+    monkeypatch.setattr(B, "RATE_REPEATS", 1)
+    monkeypatch.setattr(B, "DECRYPT_SAMPLE_PER_WORKER", 4)
+    monkeypatch.setattr(B, "BASELINE_SAMPLE_VALUES", 4)
+    out = B.run(2048, tokens=40, workers=2)
+    assert out["decrypts_correctly"] is True and out["obfuscation"] == "djn"
+    for key in ("ciphertexts_per_s", "ciphertexts_per_s_per_worker", "tokens_per_s", "ratio"):
+        assert out[key] > 0  # the keys that existed before the modes were added
+    rates = out["encryption_rates"]
+    for mode in ("djn", "plain"):
+        assert rates[mode]["ciphertexts_per_s_per_core"] > 0
+        assert rates[mode]["ciphertexts_per_s"] > 0 and rates[mode]["workers"] == 2
+    assert rates["djn"]["alpha_bits"] == 1024 and rates["djn"]["window_bits"] == 8
+    assert rates["djn"]["table_build_s"] > 0 and rates["djn"]["table_mb"] > 0
+    assert out["decryption"]["plaintexts_per_s_per_core"] > 0
+    assert B.run(2048, tokens=40, workers=1, obfuscation="plain")["obfuscation"] == "plain"
+
+
+def test_measure_encryption_rate(keys1024) -> None:
+    from fedcredit.bench.paillier_speed import measure_encryption_rate
+
+    pk, _ = keys1024
+    for mode in ("djn", "plain"):
+        assert measure_encryption_rate(pk, 5, obfuscation=mode, workers=1) > 0
+    with pytest.raises(ValueError, match="count"):
+        measure_encryption_rate(pk, 0)
