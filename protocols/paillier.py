@@ -483,6 +483,12 @@ def _obfuscator_chunk(source: DJNTable | _PlainObfuscators, count_list: list[int
 # ----------------------------------------------------------------------- encrypt / decrypt
 
 
+def _check_workers(workers: int | None) -> None:
+    # Checked before any early return, so that a bad value fails even on empty input.
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+
+
 def _checked_plaintexts(n: int, plaintexts: Sequence[int]) -> list[int]:
     ms: list[int] = []
     for i, value in enumerate(plaintexts):
@@ -513,10 +519,11 @@ def encrypt_plaintexts(
     """
     mode = get_default_obfuscation() if obfuscation is None else obfuscation
     mode = _checked_obfuscation(mode, "encrypt_plaintexts")
+    _check_workers(workers)
     n = int(pk.n)
     ms = _checked_plaintexts(n, plaintexts)
     if not ms:
-        return []
+        return []  # and no DJN table built for nothing
     return _map_chunks(_encrypt_chunk, _source(pk, mode), ms, workers, progress)
 
 
@@ -667,6 +674,7 @@ def decrypt_plaintexts(
     batched through ``gmpy2.powmod_base_list``, which releases the GIL.
     """
     n, nsquare = int(sk.public_key.n), int(sk.public_key.nsquare)
+    _check_workers(workers)
     checked = [_check_ciphertext(i, c, n, nsquare) for i, c in enumerate(cts)]
     if not checked:
         return []

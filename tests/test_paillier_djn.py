@@ -230,6 +230,12 @@ def test_decryption_identical_to_phe_on_arbitrary_units(keys1024) -> None:
             cts.append(c)
     assert P.decrypt_plaintexts(sk, cts, workers=2) == [sk.raw_decrypt(c) for c in cts]
     assert P.decrypt_plaintexts(sk, []) == []
+    for call in (
+        lambda: P.decrypt_plaintexts(sk, [], workers=0),
+        lambda: P.encrypt_plaintexts(pk, [], workers=0),
+    ):
+        with pytest.raises(ValueError, match="workers"):
+            call()
 
 
 def test_2048_bit_djn_round_trip() -> None:
