@@ -265,6 +265,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
         result = paillier_speed.run(args.key_bits, args.tokens, args.workers)
+    elif args.name == "query":
+        from fedcredit.bench import query_speed
+        from protocols.paillier import ALLOWED_KEY_BITS
+
+        if args.key_bits not in ALLOWED_KEY_BITS:
+            raise UsageError(f"--key-bits must be one of {', '.join(map(str, ALLOWED_KEY_BITS))}")
+        if args.platforms < 3:
+            raise UsageError("--platforms must be at least 3 (the private query refuses fewer)")
+        borrowers = args.borrowers or 100_000
+        if borrowers < 1000:
+            raise UsageError("--borrowers must be at least 1,000")
+        result = query_speed.run(borrowers, args.platforms, args.key_bits, args.seed)
     elif args.name == "uci":
         from fedcredit.bench import uci_federation
 
@@ -465,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures and ratios vs a same-run baseline)")
     bench.add_argument("name", choices=["datagen", "datagen-quality", "paillier", "query", "uci"])
     bench.add_argument(
-        "--borrowers", type=int, help="default: 1,000,000 (datagen), 100,000 (datagen-quality)"
+        "--borrowers",
+        type=int,
+        help="default: 1,000,000 (datagen), 100,000 (datagen-quality, query)",
     )
     bench.add_argument("--platforms", type=int, default=3)
     bench.add_argument("--seed", type=int, default=0)

@@ -777,6 +777,17 @@ class Deployment:
             )
         return "\n".join(parts)
 
+    def kill_node(self, index: int) -> None:
+        """SIGKILL SuperNode ``index`` and the ClientApp processes it spawned, as a crash would."""
+        process = next(p for p in self.processes if p.name == f"supernode-{index}")
+        family = {process.pid} | _descendants([process.pid])
+        self._signal_group(process.pid, signal.SIGKILL)
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        process.popen.wait(timeout=10)
+        log.info("killed supernode-%d (pid %d)", index, process.pid)
+
     # ---------------------------------------------------------------------------- shutdown
 
     def _family(self) -> set[int]:
