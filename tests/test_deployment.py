@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 NUM_NODES = 4
 PING_NODES = 3
 NUM_ROUNDS = 2
-QUERY_BATCH = 100  # many small batches, so a platform can be killed in the middle
+QUERY_BATCH = 600  # several batches, so a platform can be killed in the middle
 QUERY_TIMEOUT = 60.0  # a ClientApp process per message: slow on a loaded machine
 
 # ------------------------------------------------------------------------ plumbing (ping app)
