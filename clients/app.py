@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from clients import matching
 from clients.node_identity import NodeFiles, NodeIdentity, node_identity, register_files
 from clients.platform_data import PlatformData, load_platform_data
-from clients.query_log import QueryLog
+from clients.query_log import QueryLog, query_log_for
 from clients.received_totals import store_received_totals
 from protocols import blinding, delivery
 from protocols import messages as m
@@ -172,7 +172,7 @@ def _evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
 
 
 def _audit(data: PlatformData) -> QueryLog:
-    return QueryLog(data.location)
+    return query_log_for(data.location)
 
 
 def _refuse_replay(audit: QueryLog, query_id: str, kind: str) -> None:
@@ -196,19 +196,16 @@ def _match_start(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     node = node_identity(ctx, data)
     _check_participants(node, req.participants, "query.match_start")
     audit = _audit(data)
-    try:
-        _refuse_replay(audit, req.session_id, "match_start")
-        session, blob = matching.start_session(
-            ctx, req.session_id, req.participants, data.features.tokens
-        )
-        audit.append(
-            req.session_id,
-            "match_start",
-            "answered",
-            {"participants": list(req.participants), "elements": len(session.perm)},
-        )
-    finally:
-        audit.close()
+    _refuse_replay(audit, req.session_id, "match_start")
+    session, blob = matching.start_session(
+        ctx, req.session_id, req.participants, data.features.tokens
+    )
+    audit.append(
+        req.session_id,
+        "match_start",
+        "answered",
+        {"participants": list(req.participants), "elements": len(session.perm)},
+    )
     return m.MatchElements(
         session_id=req.session_id, origin=node.name, count=len(session.perm), elements=blob
     ).to_content()
@@ -284,52 +281,47 @@ def _debt_profile(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         )
     public_key = node.verify_key_announcement(req.announcement, req.key_id, what)
     audit = _audit(data)
+    _refuse_replay(audit, req.query_id, "debt_profile")
     try:
-        _refuse_replay(audit, req.query_id, "debt_profile")
-        try:
-            elements = blinding.elements_from_bytes(
-                req.elements, max_count=m.MAX_TOKENS_PER_BATCH, what=what
-            )
-        except blinding.InvalidGroupElement as exc:
-            raise m.ProtocolError(f"{what}: {exc}") from exc
-        rows = matching.own_rows(ctx, session)
-        values = data.profile_rows([rows.get(e, -1) for e in elements])
-        n = int(public_key.n)
-        layout = debt_profile_layout(len(req.participants))
-        plaintexts = layout.pack(values, n.bit_length())
-        mask_ctx = MaskContext(
-            session_id=req.session_id,
-            query_id=req.query_id,
-            participants=req.participants,
-            key_id=req.key_id,
-            count=len(plaintexts),
-            modulus=n,
+        elements = blinding.elements_from_bytes(
+            req.elements, max_count=m.MAX_TOKENS_PER_BATCH, what=what
         )
-        try:
-            masks = platform_mask(
-                node.name, node.agreement_key, node.roster_agreement_keys, mask_ctx
-            )
-        except MaskError as exc:
-            raise m.ProtocolError(f"{what}: {exc}") from exc
-        masked = add_masks(plaintexts, masks, n)
-        ciphertexts = encrypt_plaintexts(public_key, masked, workers=_crypto_workers(ctx))
-        blob = ciphertexts_to_bytes(public_key, ciphertexts)
-        audit.append(
-            req.query_id,
-            "debt_profile",
-            "answered",
-            {
-                "session_id": req.session_id,
-                "participants": list(req.participants),
-                "key_id": req.key_id,
-                "elements": len(elements),
-                "elements_sha256": hashlib.sha256(req.elements).hexdigest(),
-                "ciphertexts": len(ciphertexts),
-                "reply_sha256": hashlib.sha256(blob).hexdigest(),
-            },
-        )
-    finally:
-        audit.close()
+    except blinding.InvalidGroupElement as exc:
+        raise m.ProtocolError(f"{what}: {exc}") from exc
+    rows = matching.own_rows(ctx, session)
+    values = data.profile_rows([rows.get(e, -1) for e in elements])
+    n = int(public_key.n)
+    layout = debt_profile_layout(len(req.participants))
+    plaintexts = layout.pack(values, n.bit_length())
+    mask_ctx = MaskContext(
+        session_id=req.session_id,
+        query_id=req.query_id,
+        participants=req.participants,
+        key_id=req.key_id,
+        count=len(plaintexts),
+        modulus=n,
+    )
+    try:
+        masks = platform_mask(node.name, node.agreement_key, node.roster_agreement_keys, mask_ctx)
+    except MaskError as exc:
+        raise m.ProtocolError(f"{what}: {exc}") from exc
+    masked = add_masks(plaintexts, masks, n)
+    ciphertexts = encrypt_plaintexts(public_key, masked, workers=_crypto_workers(ctx))
+    blob = ciphertexts_to_bytes(public_key, ciphertexts)
+    audit.append(
+        req.query_id,
+        "debt_profile",
+        "answered",
+        {
+            "session_id": req.session_id,
+            "participants": list(req.participants),
+            "key_id": req.key_id,
+            "elements": len(elements),
+            "elements_sha256": hashlib.sha256(req.elements).hexdigest(),
+            "ciphertexts": len(ciphertexts),
+            "reply_sha256": hashlib.sha256(blob).hexdigest(),
+        },
+    )
     return m.DebtProfileReply(
         query_id=req.query_id, key_id=req.key_id, count=len(ciphertexts), ciphertexts=blob
     ).to_content()

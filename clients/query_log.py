@@ -52,6 +52,22 @@ def _entry_hash(prev_hash: str, entry: dict[str, object]) -> str:
     return hashlib.sha256(prev_hash.encode() + body).hexdigest()
 
 
+_open_logs: dict[str, QueryLog] = {}
+
+
+def query_log_for(location: str) -> QueryLog:
+    """The node's query log for ``location``, opened once per process.
+
+    A query answers dozens of batches; opening the ledger and checking the table for every
+    message cost more than encrypting the batch.
+    """
+    with _lock:
+        found = _open_logs.get(location)
+        if found is None:
+            found = _open_logs[location] = QueryLog(location)
+        return found
+
+
 class QueryLog:
     """Append-only, hash-chained query log in a ledger database."""
 
