@@ -5,6 +5,10 @@ on a SuperNode). Under the simulation engine, where Flower gives nodes only a pa
 the same app is built with the list of ledgers and picks the one at its partition id
 (``build_client_app``); it still opens only that one.
 
+Torch and scikit-learn are imported only by the handlers that train or evaluate: on a
+SuperNode every message starts a fresh ClientApp process, and a query batch should not pay
+three seconds of imports it never uses.
+
 Every handler validates the message (``protocols.messages``) before acting, and any failure
 becomes a Flower error reply that names the message and the reason, and is logged: a hostile
 or malformed message never crashes the node and never touches the ledger's data tables.
@@ -29,15 +33,6 @@ from clients.received_totals import store_received_totals
 from protocols import blinding, delivery
 from protocols import messages as m
 from protocols.masking import MaskContext, MaskError, add_masks, pairwise_secret, platform_mask
-from protocols.metrics import ScoreHistogram
-from protocols.model import (
-    TrainConfig,
-    build_model,
-    log_loss,
-    predict_proba,
-    scheduled_lr,
-    train_local,
-)
 from protocols.packing import debt_profile_layout
 from protocols.paillier import ciphertexts_to_bytes, encrypt_plaintexts
 from protocols.scaling import FeatureSums, Scaler
@@ -125,6 +120,8 @@ def _model_and_rows(
     arrays = msg.content.array_records.get("arrays")
     if arrays is None:
         raise m.ProtocolError(f"{what}: no model weights ('arrays' record)")
+    from protocols.model import build_model  # torch: only messages that train import it
+
     model = build_model(req.model, len(req.features))
     try:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -137,6 +134,8 @@ def _model_and_rows(
 
 def _train(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     req, model, X, y = _model_and_rows(msg, ctx, data, "train")
+    from protocols.model import TrainConfig, scheduled_lr, train_local
+
     cfg = TrainConfig(
         epochs=req.epochs,
         learning_rate=scheduled_lr(
@@ -156,6 +155,9 @@ def _train(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
 
 def _evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     _req, model, X, y = _model_and_rows(msg, ctx, data, "test")
+    from protocols.metrics import ScoreHistogram
+    from protocols.model import log_loss, predict_proba
+
     hist = ScoreHistogram.of(predict_proba(model, X), y)  # type: ignore[arg-type]
     return RecordDict(
         {

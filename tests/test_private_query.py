@@ -377,3 +377,40 @@ def test_public_key_in_announcement_is_the_key_holders(session) -> None:  # type
     _, _, key = session
     ann = KeyAnnouncement.from_bytes(key.announcement)
     assert public_key_from_bytes(ann.public_key).n == key.public_key.n
+
+
+class _Tampering(InProcessGrid):
+    """Replaces the first debt-profile reply's first ciphertext with one >= n**2."""
+
+    tampered = 0
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        ids = list(super().push_messages(messages))
+        for mid in ids:
+            reply = self._replies[mid]
+            if reply.metadata.message_type != "query.debt_profile" or self.tampered:
+                continue
+            if reply.has_error():
+                continue
+            payload = reply.content.config_records["payload"]
+            blob = bytearray(payload["ciphertexts"])  # type: ignore[arg-type]
+            blob[:8] = b"\xff" * 8
+            payload["ciphertexts"] = bytes(blob)
+            self.tampered = reply.metadata.src_node_id
+        return ids
+
+
+def test_a_ciphertext_outside_the_key_range_drops_its_sender(
+    parties: Parties, tmp_path: Path
+) -> None:
+    """Never a wrong total: the reply is refused, its sender named, and with three platforms
+    nothing is answered at all."""
+    grid = _Tampering(parties.client_app(), len(parties.ledgers))
+    settings = FederationSettings.model_validate(
+        {"out-dir": str(tmp_path), "stages": "query", "model": "lr", "query-timeout": 30}
+    )
+    with pytest.raises(FederationError, match="not below n\\*\\*2") as caught:
+        run_federation(grid, settings, parties.keyholder)
+    names = {v: k for k, v in _names(grid, parties).items()}
+    assert names[grid.tampered] in str(caught.value)
+    assert "needs at least 3" in str(caught.value)

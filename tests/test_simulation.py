@@ -115,3 +115,88 @@ def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
         assert proc.returncode == 2, (extra, proc.stderr)
         assert message in proc.stderr, (extra, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+class CrashAfter:
+    """A Flower mod: the platform of ``partition`` crashes after ``answers`` query batches.
+
+    Its ClientApp raises on every later message, as a platform whose process died would:
+    Flower's runtime turns that into an error reply. Picklable (Ray runs ClientApps in worker
+    processes), and it counts through a file, since successive messages may run in
+    different workers.
+    """
+
+    def __init__(self, partition: int, answers: int, counter: Path) -> None:
+        self.partition, self.answers, self.counter = partition, answers, str(counter)
+
+    def __call__(self, msg, context, call_next):  # type: ignore[no-untyped-def]
+        if context.node_config.get("partition-id") != self.partition:
+            return call_next(msg, context)
+        path = Path(self.counter)
+        seen = int(path.read_text()) if path.exists() else 0
+        if seen >= self.answers:
+            raise RuntimeError("platform crashed (fault injected by the test)")
+        if msg.metadata.message_type == "query.debt_profile":
+            path.write_text(str(seen + 1))
+        return call_next(msg, context)
+
+
+def test_platform_crashing_mid_query_on_simulation_engine(tmp_path: Path) -> None:
+    """Four platforms on Ray; one crashes after answering part of the query. The query
+    restarts over the other three, whose delivered totals equal their own figures summed."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import build_client_app
+    from clients.platform_data import load_platform_data
+    from clients.received_totals import read_received_totals
+    from fedcredit.datagen.config import PopulationConfig
+    from fedcredit.datagen.generate import generate
+    from fedcredit.local_federation import start_local_federation
+    from server.app import build_server_app
+
+    data = generate(PopulationConfig(platforms=4, borrowers=2000, seed=9), tmp_path / "data")
+    ledgers = [str(p.ledger) for p in data.platforms]
+    out = tmp_path / "run"
+    counter = tmp_path / "answered"
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    with start_local_federation(ledgers, tmp_path / "parties") as parties:
+        overrides = {
+            **parties.overrides(),
+            "out-dir": str(out),
+            "stages": "query",
+            "min-nodes": 4,
+            "query-batch": 400,
+            "query-timeout": 120,
+        }
+        run_simulation(
+            server_app=build_server_app(overrides),
+            client_app=build_client_app(
+                ledgers,
+                parties.enrolment.identities,
+                parties.enrolment.roster,
+                [CrashAfter(3, 1, counter)],
+            ),
+            num_supernodes=4,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+    summary = json.loads((out / "federation.json").read_text())
+    assert summary["status"] == "ok", summary.get("error")
+    names = [load_platform_data(loc).platform for loc in ledgers]
+    queries = summary["queries"]
+    assert int(counter.read_text()) == 1  # it did answer part of the query first
+    assert names[3] in queries["dropped"] and "crashed" in queries["dropped"][names[3]]
+    assert queries["contributors"] == sorted(names[:3])
+    expected: dict[str, list[int]] = {}
+    for location in ledgers[:3]:
+        own = load_platform_data(location)
+        for token, row in zip(own.features.tokens, own.profiles.tolist(), strict=True):
+            acc = expected.setdefault(token, [0, 0, 0])
+            for i in range(3):
+                acc[i] += row[i]
+    for location in ledgers[:3]:
+        got = read_received_totals(location)
+        tokens = load_platform_data(location).features.tokens
+        assert len(got) == len(tokens)
+        assert all(list(got[t]) == expected[t] for t in tokens), location
+    assert not read_received_totals(ledgers[3])
