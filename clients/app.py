@@ -1,9 +1,16 @@
 """The platform's ClientApp: answers the bureau from its own ledger and nothing else.
 
 A node opens exactly one ledger, named by its node config (``--node-config 'ledger="..."'``
-on a SuperNode). Under the simulation engine, where Flower gives nodes only a partition id,
-the same app is built with the list of ledgers and picks the one at its partition id
-(``build_client_app``); it still opens only that one.
+on a SuperNode), and knows who it is and whom it trusts from its ``identity`` and pinned
+``roster`` files (``clients/node_identity.py``). Under the simulation engine, where Flower
+gives nodes only a partition id, the same app is built with the lists of ledgers and
+identities and picks the ones at its partition id (``build_client_app``).
+
+For the debt query a platform never sends a token: it takes part in private matching
+(``clients/matching.py``), answers batches of fully blinded ids with masked Paillier
+ciphertexts, refuses a query over anything but its matching session's participant set (two
+answers over different sets could be differenced), verifies the key holder's signature on
+every query's key, and opens only its own sealed totals.
 
 Torch and scikit-learn are imported only by the handlers that train or evaluate: on a
 SuperNode every message starts a fresh ClientApp process, and a query batch should not pay

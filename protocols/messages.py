@@ -9,16 +9,22 @@ a 4096-bit ciphertext is not; bytes also keep the wire size exact and independen
 Message types (Flower routes ``train``, ``evaluate`` and ``query.<name>``):
 
 =========================  ==================================================================
-``query.describe``         platform name, federation key id, row counts, feature names and a
-                           fingerprint of the data (no rows, no tokens)
+``query.describe``         platform name, token-pepper fingerprint, row counts, feature names
+                           and a fingerprint of the data (no rows, no tokens)
 ``query.feature_stats``    count and per-feature sums of x and x² over the training rows
 ``train``                  FedAvg local step (model weights in an ``ArrayRecord``)
 ``evaluate``               held-out score histograms (sums; AUC and KS are read off the sum)
-``query.applicants``       the platform's own borrower tokens, to be profiled
-``query.debt_profile``     Paillier ciphertexts of packed (debt, active loans, has-active)
-                           slots for a batch of tokens, zero for tokens it does not hold
-``query.totals``           the decrypted totals for the platform's own borrowers
+``query.match_start``      opens a private-matching session; the platform answers with its own
+                           borrowers as blinded group elements, in a fresh random order
+``query.match_blind``      another platform's blinded list; answered re-blinded
+``query.match_done``       the platform's own list, blinded by every participant
+``query.debt_profile``     a batch of fully blinded ids; answered with Paillier ciphertexts of
+                           masked packed (debt, active loans, has-active) slots, zero slots
+                           for ids the platform does not hold
+``query.totals``           the platform's own borrowers' totals, sealed by the key holder
 =========================  ==================================================================
+
+The protocol, and what each message reveals to whom, is docs/protocol.md.
 """
 
 from __future__ import annotations

@@ -17,8 +17,6 @@ from typing import Any
 
 import flwr
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from protocols.model import build_model, state_fingerprint
@@ -89,16 +87,3 @@ def save_model(
     }
     meta_path = write_json(out_dir / f"{name}.json", meta)
     return {"weights": str(weights), "metadata": str(meta_path)}
-
-
-def write_blinded_totals(path: Path, elements: list[bytes], totals: np.ndarray) -> Path:
-    """Totals by fully blinded identifier: pseudonyms of this matching session only."""
-    table = pa.table(
-        {
-            "blinded_id": pa.array([e.hex() for e in elements], pa.string()),
-            "total_debt_fen": pa.array(totals[:, 0], pa.int64()),
-            "active_loans": pa.array(totals[:, 1], pa.int64()),
-            "lenders": pa.array(totals[:, 2], pa.int64()),
-        }
-    )
-    return _atomic(path, lambda p: pq.write_table(table, p))

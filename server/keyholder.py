@@ -84,18 +84,14 @@ from protocols.key_announcement import KeyAnnouncement
 from protocols.masking import MaskError, pairwise_secret
 from protocols.packing import (
     DEBT_PROFILE_LAYOUT,
-    SlotLayout,
     SlotOverflowError,
     debt_profile_layout,
 )
 from protocols.paillier import (
     InvalidCiphertext,
-    PaillierPublicKey,
     ciphertext_width,
     ciphertexts_from_bytes,
     decrypt_plaintexts,
-    generate_keypair,
-    public_key_to_bytes,
 )
 from server.keystore import KeyRecord, Keystore
 
@@ -114,7 +110,6 @@ __all__ = [
     "DecodedRequest",
     "DecryptRequest",
     "DecryptResponse",
-    "KeyHolder",
     "KeyHolderCore",
     "KeyHolderRefusal",
     "ReplayGuard",
@@ -648,43 +643,3 @@ class KeyHolderCore:
                 "caller": caller,
             }
         )
-
-
-# -------------------------------------------------------------------------- legacy in-process
-
-
-class KeyHolder:
-    """The old in-process key holder: the coordinator's process holds the private key.
-
-    Kept only so ``server/federation.py`` and ``server/debt_query.py`` keep working until they
-    call a ``KeyHolderAPI`` (``server/keyholder_client.py``). It does not meet the threat
-    model's separation (the coordinator could decrypt alone): do not use it in new code.
-    """
-
-    def __init__(self, bits: int = 2048, layout: SlotLayout = DEBT_PROFILE_LAYOUT) -> None:
-        self.public_key: PaillierPublicKey
-        self.public_key, self._private_key = generate_keypair(bits)
-        self.layout = layout
-        self.decrypted = 0
-        log.info("key holder (legacy, in-process): new %d-bit Paillier key pair", bits)
-
-    @property
-    def public_key_bytes(self) -> bytes:
-        return public_key_to_bytes(self.public_key)
-
-    @property
-    def key_bits(self) -> int:
-        return self.public_key.n.bit_length()
-
-    def decrypt_sums(self, sums: list[int], contributors: int) -> list[int]:
-        if contributors < 2:
-            raise KeyHolderRefusal(
-                f"refusing to decrypt a sum of {contributors} contributor(s): "
-                "that would reveal one platform's own figures"
-            )
-        try:
-            self.layout.check_contributors(contributors)
-        except SlotOverflowError as exc:
-            raise KeyHolderRefusal(f"the sum may overflow its slots: {exc}") from None
-        self.decrypted += len(sums)
-        return decrypt_plaintexts(self._private_key, sums)
