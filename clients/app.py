@@ -229,6 +229,8 @@ def _match_blind(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         raise m.ProtocolError(f"{what}: refusing to re-blind this platform's own list")
     if req.origin not in session.participants:
         raise m.ProtocolError(f"{what}: {req.origin} is not a participant of the session")
+    if session.fully or not session.secret:
+        raise m.ProtocolError(f"{what}: session {req.session_id} is finished")
     if req.origin in session.reblinded:
         raise m.ProtocolError(f"{what}: {req.origin}'s list was already re-blinded (replay)")
     try:
@@ -267,6 +269,9 @@ def _match_done(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     if len(set(elements)) != len(elements):
         raise m.ProtocolError(f"{what}: the fully blinded list has repeated elements")
     session.fully = req.elements
+    # Every re-blinding of this session is over: forget the secret, so that nothing kept in
+    # node state can later link this session's pseudonyms to anything.
+    session.secret = b""
     matching.save_session(ctx, session)
     return m.Ack(stored=req.count).to_content()
 

@@ -14,6 +14,8 @@ What the platform guarantees to the others
       element says nothing about the platform's ledger order.
     * It re-blinds each other participant's list at most once per session and never its own:
       a coordinator cannot use it as an oracle to blind chosen points repeatedly.
+    * It forgets the session secret as soon as it receives its fully blinded list back: no
+      later compromise of the node's state can re-create the session's pseudonyms.
 """
 
 from __future__ import annotations

@@ -414,3 +414,20 @@ def test_a_ciphertext_outside_the_key_range_drops_its_sender(
     names = {v: k for k, v in _names(grid, parties).items()}
     assert names[grid.tampered] in str(caught.value)
     assert "needs at least 3" in str(caught.value)
+
+
+def test_a_finished_session_blinds_nothing_more(session) -> None:  # type: ignore[no-untyped-def]
+    """After match_done a platform has forgotten its secret: it is no blinding oracle."""
+    grid, match, _ = session
+    name = match.participants[0]
+    other = match.participants[1]
+    chosen = [blinding.hash_to_group(b"an ID the coordinator knows")]
+    request = m.MatchBlind(
+        session_id=match.session_id,
+        origin=other,
+        step=1,
+        count=1,
+        elements=b"".join(chosen),
+    )
+    reply = _send(grid, match.nodes[name], "query.match_blind", request.to_content())
+    assert reply.has_error() and "is finished" in reply.error.reason
