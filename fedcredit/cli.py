@@ -571,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
-    _Parser.json_errors = "ledger" in words and "--json" in words
+    command = next((w for w in words if not w.startswith("-")), None)
+    _Parser.json_errors = command == "ledger" and "--json" in words
     try:
         args = parser.parse_args(words)
     except _ArgumentsRefused as exc:
