@@ -277,7 +277,8 @@ def test_empty_and_na_cells_stay_missing_and_get_an_indicator(
 ) -> None:
     source, mapping = scoring
     db = tmp_path / "l.db"
-    import_file(source, mapping, db, key=key, platform="p1")
+    report = import_file(source, mapping, db, key=key, platform="p1")
+    assert report.features_missing == 2  # income of rows 2 ("") and 3 ("NA")
     stored = features_of(db)
     no_income = [
         token_for_customer_number(key, "scoring-2024-06", str(n)) for n in (2, 3)

@@ -112,6 +112,7 @@ class ImportReport(BaseModel):
     loans: int
     history_rows: int
     features: int
+    features_missing: int
     seconds: float
 
 
@@ -901,6 +902,13 @@ def _ledger_meta(
         )
     if wanted or recorded_platform:
         meta["platform"] = wanted or recorded_platform or ""
+    else:
+        log.warning(
+            "%s: the ledger records no platform name; a federation will refuse it "
+            "(fedcredit ledger rename %s --platform NAME)",
+            location,
+            location,
+        )
     as_of = plan.mapping.source.as_of
     if as_of is not None:
         meta["as_of"] = as_of.isoformat()
@@ -1120,6 +1128,7 @@ def _write(
         for name, value in values.items()
         if value is not None
     ]
+    missing = sum(len(values) for values in batch.features.values()) - len(features)
     total = len(batch.borrowers) + len(features) + len(batch.loans) + len(batch.history)
     progress.start(f"writing {ledger.location}", total)
     with _database_errors(ledger, "writing the import (rolled back)"):
@@ -1143,6 +1152,7 @@ def _write(
         "borrowers_new": len(new),
         "borrowers_updated": len(updated),
         "features": len(features),
+        "features_missing": missing,
     }
 
 
@@ -1234,6 +1244,7 @@ def import_file(
         loans=len(batch.loans),
         history_rows=len(batch.history),
         features=counts["features"],
+        features_missing=counts["features_missing"],
         seconds=round(time.perf_counter() - started, 3),
     )
     log.info(
