@@ -257,6 +257,9 @@ scoring_only = true
         ('{ column = "c", kind = "categorical", map = { "a" = 1 } }', 'not "map"'),
         ('{ column = "c", levels = ["a"] }', 'only with kind = "categorical"'),
         ('{ column = "c", kind = "categorical", levels = { "a" = "x y" } }', "letters, digits"),
+        ('{ column = "c", kind = "categorical", levels = ["A", "a"] }', "both become level"),
+        ('{ column = "c", kind = "categorical", levels = ["", "a"] }', '"missing" level'),
+        ('{ column = "c", kind = "categorical", max_levels = 0 }', "max_levels must be"),
     ],
 )
 def test_categorical_mapping_errors(spec: str, fragment: str) -> None:

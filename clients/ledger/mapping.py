@@ -321,6 +321,11 @@ class SourceSection(_Strict):
 
     _check_as_of = field_validator("as_of", mode="before")(_parse_iso_date)
 
+    @field_validator("missing")
+    @classmethod
+    def _trimmed(cls, value: list[str]) -> list[str]:
+        return [v.strip() for v in value]  # cells are compared after trimming
+
     @field_validator("delimiter")
     @classmethod
     def _one_char(cls, value: str) -> str:
@@ -597,6 +602,20 @@ class Mapping(_Strict):
             declared = spec.level_names()
             if declared is not None and not declared:
                 found.append((f"{key}.levels", "declare at least one level (or omit levels)"))
+            if declared is not None and "" in declared:
+                found.append((f"{key}.levels", 'an empty cell is the "missing" level already'))
+            if isinstance(spec.levels, list):
+                slugs: dict[str, str] = {}
+                for value in spec.levels:
+                    first = slugs.setdefault(level_slug(value), value)
+                    if first != value:
+                        found.append(
+                            (
+                                f"{key}.levels",
+                                f"{first!r} and {value!r} both become level "
+                                f"{level_slug(value)!r}; name the levels with a table",
+                            )
+                        )
             levels = set((declared or {}).values())
             for level in sorted(levels):
                 if level in RESERVED_LEVELS:
