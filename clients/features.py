@@ -147,9 +147,22 @@ def local_features(ledger: Ledger) -> LocalFeatures:
     names = list(BASE_FEATURES)
     for name in sorted(extras):
         values = extras[name]
-        cols[f"x_{name}"] = np.array([values.get(t, 0.0) for t in tokens], dtype=np.float64)
+        raw = np.array([values.get(t, np.nan) for t in tokens], dtype=np.float64)
+        missing = np.isnan(raw)
+        # An imported feature without a value (an empty or NA cell: no borrower_features
+        # row) is missing, not zero: imputed with 0 and flagged, so the model input and the
+        # federated scaler's sums stay finite while the model can still tell "0" from
+        # "unknown". The flag exists only where something is missing; the federation
+        # trains on the features every platform has.
+        cols[f"x_{name}"] = np.where(missing, 0.0, raw)
         names.append(f"x_{name}")
+        flag = f"x_{name}_missing"
+        if missing.any() and f"{name}_missing" not in extras:
+            cols[flag] = missing.astype(np.float64)
+            names.append(flag)
     X = np.column_stack([cols[c] for c in names]) if n else np.zeros((0, len(names)))
+    if not np.isfinite(X).all():
+        raise ValueError("non-finite feature value: the scaler must never see NaN or inf")
     return LocalFeatures(tokens, names, X, y)
 
 

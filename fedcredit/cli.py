@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -28,6 +29,31 @@ err = Console(stderr=True, highlight=False)
 
 class UsageError(Exception):
     """Bad arguments or input: reported in one line, exit status 2."""
+
+
+class _ArgumentsRefused(Exception):
+    """argparse refused the command line while JSON errors were asked for."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that ``fedcredit ledger ... --json`` gets its usage errors as JSON.
+
+    A script that asked for ``--json`` parses stdout; argparse's usage text on stderr would
+    leave it with nothing to parse. Other commands keep argparse's behaviour unchanged.
+    """
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if _Parser.json_errors:
+            raise _ArgumentsRefused(f"{self.prog}: {message}")
+        super().error(message)
+
+
+def _json_refusal(errors: list[dict[str, object]], **extra: object) -> int:
+    """Print a refusal as ``{"ok": false, "errors": [...]}`` on stdout; exit status 2."""
+    print(json.dumps({"ok": False, "errors": errors, **extra}, indent=2, default=str))
+    return 2
 
 
 # ---------------------------------------------------------------------------- datagen
@@ -97,11 +123,14 @@ def cmd_datagen(args: argparse.Namespace) -> int:
 
 def cmd_ledger_import(args: argparse.Namespace) -> int:
     from clients.ledger.importer import ImportValidationError, import_file
+    from clients.ledger.store import LedgerError
     from protocols.tokens import InvalidFederationKey, read_federation_key
 
     try:
         key = read_federation_key(Path(args.key_file)) if args.key_file else None
-    except InvalidFederationKey as exc:
+    except (InvalidFederationKey, OSError) as exc:
+        if args.json:
+            return _json_refusal([{"message": str(exc), "key": "key_file"}])
         raise UsageError(str(exc)) from None
     try:
         report = import_file(
@@ -112,11 +141,18 @@ def cmd_ledger_import(args: argparse.Namespace) -> int:
             partition=args.partition,
             platform=args.platform,
             progress=not args.json,
+            require_platform=True,
         )
     except ImportValidationError as exc:
+        if args.json:
+            return _json_refusal([i.to_dict() for i in exc.errors], more=exc.more)
         err.print(f"[red]import refused, nothing was written:[/red]\n{exc}", soft_wrap=True)
-        return 1
-    data = report.model_dump(mode="json")
+        return 2
+    except LedgerError as exc:
+        if args.json:
+            return _json_refusal([{"message": str(exc), "key": "ledger"}])
+        raise
+    data = {"ok": True, **report.model_dump(mode="json")}
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     else:
@@ -140,6 +176,29 @@ def cmd_ledger_info(args: argparse.Namespace) -> int:
             out.print(f"{k}: {v}")
         for k, v in counts.items():
             out.print(f"{k}: {v:,} rows")
+    return 0
+
+
+def cmd_ledger_rename(args: argparse.Namespace) -> int:
+    from clients.ledger.store import LedgerError, open_ledger
+
+    try:
+        with open_ledger(args.ledger) as ledger:
+            changed = ledger.rename_platform(args.platform, force=args.force)
+    except LedgerError as exc:
+        if args.json:
+            return _json_refusal([{"message": str(exc)}])
+        raise
+    data = {"ok": True, "ledger": args.ledger, **changed}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif changed["previous"] == changed["platform"]:
+        out.print(f"{args.ledger}: platform is already {changed['platform']!r}; nothing changed")
+    else:
+        out.print(
+            f"{args.ledger}: ledger_meta.platform {changed['previous']!r} -> "
+            f"{changed['platform']!r}"
+        )
     return 0
 
 
@@ -395,7 +454,7 @@ def _date(text: str) -> dt.date:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedcredit",
         description="Federated credit models and encrypted cross-platform debt queries.",
     )
@@ -433,9 +492,25 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--ledger", required=True, help="ledger path or SQLAlchemy URL")
     imp.add_argument("--key-file", help="federation key (needed unless the source holds tokens)")
     imp.add_argument("--partition", help="which partition of a split source to load")
-    imp.add_argument("--platform", help="platform name recorded in the ledger")
-    imp.add_argument("--json", action="store_true")
+    imp.add_argument(
+        "--platform",
+        help="platform name recorded in the ledger (required unless the mapping, the "
+        "partition or the ledger names it)",
+    )
+    imp.add_argument(
+        "--json", action="store_true", help="report, or refusal {ok: false, errors}, as JSON"
+    )
     imp.set_defaults(func=cmd_ledger_import)
+    ren = ledger.add_parser("rename", help="change the platform name a ledger records")
+    ren.add_argument("ledger", help="ledger path or SQLAlchemy URL")
+    ren.add_argument("--platform", required=True, help="the new platform name")
+    ren.add_argument(
+        "--force",
+        action="store_true",
+        help="rename even though the ledger has already answered federation queries",
+    )
+    ren.add_argument("--json", action="store_true")
+    ren.set_defaults(func=cmd_ledger_rename)
     info = ledger.add_parser("info", help="metadata and row counts of a ledger")
     info.add_argument("ledger", help="ledger path or SQLAlchemy URL")
     info.add_argument("--json", action="store_true")
@@ -495,7 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    _Parser.json_errors = command == "ledger" and "--json" in words
+    try:
+        args = parser.parse_args(words)
+    except _ArgumentsRefused as exc:
+        return _json_refusal([{"message": str(exc)}])
+    finally:
+        _Parser.json_errors = False
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -40,6 +40,8 @@ from clients.ledger.mapping import (
     BORROWER_FIELDS,
     DPD_WINDOW_MONTHS,
     MAX_ISSUES,
+    MISSING_LEVEL,
+    OTHER_LEVEL,
     BoundField,
     Cell,
     CellError,
@@ -50,11 +52,13 @@ from clients.ledger.mapping import (
     check_mapping,
     dpd_for_code,
     history_amount_parser,
+    level_slug,
     load_mapping,
     to_integer,
 )
 from clients.ledger.store import Ledger, LedgerError, bulk_insert, ledger_url, open_ledger
 from protocols import tokens
+from protocols.identity import PLATFORM_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,7 @@ class ImportReport(BaseModel):
     loans: int
     history_rows: int
     features: int
+    features_missing: int
     seconds: float
 
 
@@ -172,7 +177,11 @@ class _Plan:
 
 
 def _make_plan(
-    source: Path, mapping: Path | str | Mapping, key: bytes | None, partition: str | None
+    source: Path,
+    mapping: Path | str | Mapping,
+    key: bytes | None,
+    partition: str | None,
+    platform: str | None = None,
 ) -> _Plan:
     if isinstance(mapping, Mapping):
         fields = check_mapping(mapping)
@@ -183,6 +192,9 @@ def _make_plan(
     fmt = _source_format(source, mapping, issues)
     _check_key(key, source, mapping, issues)
     _check_partition(partition, mapping, issues)
+    if platform is not None and not re.fullmatch(PLATFORM_NAME_PATTERN, platform):
+        message = f"platform name {platform!r} must match {PLATFORM_NAME_PATTERN}"
+        issues.add(ImportIssue(file=source.name, key="platform", message=message))
     issues.raise_if_any()
     assert fmt is not None
     return _Plan(
@@ -560,7 +572,13 @@ class _RowReader:
         self.width = width
         self.batch = batch
         mapping = plan.mapping
-        self.id_index = position.get(mapping.borrower.id.column)
+        self.row_number = mapping.borrower.id.row_number
+        self.id_index = (
+            position.get(mapping.borrower.id.column) if mapping.borrower.id.column else None
+        )
+        self.scoring_only = mapping.loan.scoring_only
+        self.missing = frozenset(mapping.source.missing) - {""}
+        self.reported: set[str | None] = set()
         self.id_column = mapping.borrower.id.column
         self.id_kind = mapping.borrower.id.kind.replace("_", " ")
         self.borrower_slots = self._slots("borrower.", position, BORROWER_FIELDS)
@@ -610,6 +628,13 @@ class _RowReader:
             ImportIssue(file=self.name, row=rec.row, line=rec.line, column=column, message=message)
         )
 
+    def cell_issue(self, rec: _Record, column: str | None, message: str) -> None:
+        """A bad cell, reported once even when several fields read its column."""
+        if column is not None and column in self.reported:
+            return
+        self.reported.add(column)
+        self.issue(rec, column, message)
+
     def add(self, rec: _Record) -> None:
         """Validate one record; on success add its borrower, loan and history rows."""
         if len(rec.cells) != self.width:
@@ -619,6 +644,10 @@ class _RowReader:
         self.batch.rows_read += 1
         if not self.complete:  # mapped columns are missing: reported once, at the header
             return
+        if self.missing:
+            missing = self.missing
+            rec.cells = ["" if c in missing else c for c in rec.cells]
+        self.reported = set()
         if not self._in_partition(rec):
             return
         self.batch.rows += 1
@@ -636,7 +665,8 @@ class _RowReader:
         if not self._check_dpd(rec, loan):
             return
         self._add_borrower(rec, token, borrower, features)
-        self._add_loan(rec, token, loan, history)
+        if not self.scoring_only:
+            self._add_loan(rec, token, loan, history)
 
     def _in_partition(self, rec: _Record) -> bool:
         spec = self.plan.mapping.partition
@@ -645,11 +675,13 @@ class _RowReader:
         try:
             value = to_integer(rec.cells[self.partition_index])
         except CellError as exc:
-            self.issue(rec, spec.column, f"partition column: {exc}")
+            self.cell_issue(rec, spec.column, f"partition column: {exc}")
             return False
         return spec.names[value % len(spec.names)] == self.plan.partition
 
     def _token(self, rec: _Record) -> str | None:
+        if self.row_number:
+            return self.plan.tokenize(str(rec.row))
         if self.id_index is None:
             return None
         raw = rec.cells[self.id_index]
@@ -659,7 +691,7 @@ class _RowReader:
         try:
             return self.plan.tokenize(raw)
         except ValueError as exc:  # InvalidNationalID; its message never holds the raw id
-            self.issue(rec, self.id_column, f"invalid {self.id_kind}: {exc}")
+            self.cell_issue(rec, self.id_column, f"invalid {self.id_kind}: {exc}")
             return None
 
     def _values(self, rec: _Record, slots: list[_Slot]) -> dict[str, Any] | None:
@@ -669,7 +701,7 @@ class _RowReader:
             try:
                 values[slot.name] = slot.value(rec.cells)
             except CellError as exc:
-                self.issue(rec, slot.bound.column, str(exc))
+                self.cell_issue(rec, slot.bound.column, str(exc))
                 ok = False
         return values if ok else None
 
@@ -686,7 +718,7 @@ class _RowReader:
             code = self.status_map.get(text)
             if code is None:
                 what = "empty history status" if text == "" else f"value {_show(text)}"
-                self.issue(rec, column, f"{what} is not in [history].map")
+                self.cell_issue(rec, column, f"{what} is not in [history].map")
                 ok = False
             codes.append(code or "")
         amounts: list[list[int | None]] = []
@@ -701,7 +733,7 @@ class _RowReader:
                 try:
                     values.append(parse(rec.cells[index]))
                 except CellError as exc:
-                    self.issue(rec, columns[i], str(exc))
+                    self.cell_issue(rec, columns[i], str(exc))
                     ok = False
             amounts.append(values)
         return (codes, amounts) if ok else None
@@ -832,9 +864,19 @@ def _ledger_state(ledger: Ledger, target: str | Path) -> dict[str, str] | None:
 
 
 def _ledger_meta(
-    plan: _Plan, state: dict[str, str] | None, platform: str | None, location: str
+    plan: _Plan,
+    state: dict[str, str] | None,
+    platform: str | None,
+    location: str,
+    require_platform: bool = False,
 ) -> dict[str, str]:
-    """The metadata this import records; refuses a ledger of another key or platform."""
+    """The metadata this import records; refuses a ledger of another key or platform.
+
+    The platform name is ``platform`` (``--platform``), else the mapping's ``platform``,
+    else the partition name, else what the ledger records. With ``require_platform`` (the
+    CLI) an import that leaves the ledger without a name is refused: a nameless ledger
+    joins a federation as "unnamed" and fails there, far from the cause.
+    """
     state = state or {}
     meta = {"source": "import"}
     if plan.key is not None:
@@ -845,8 +887,14 @@ def _ledger_meta(
                 f"{location}: the ledger holds tokens made under federation key {recorded}, "
                 f"this import uses key {meta['key_id']}; refusing to mix them"
             )
-    wanted = platform or plan.partition
+    wanted = platform or plan.mapping.platform or plan.partition
     recorded_platform = state.get("platform")
+    if require_platform and not (wanted or recorded_platform):
+        message = (
+            'no platform name: give --platform NAME (or platform = "NAME" in the mapping); '
+            "a federation needs every ledger to name its platform"
+        )
+        raise ImportValidationError([ImportIssue(file=plan.name, key="platform", message=message)])
     if wanted and recorded_platform and wanted != recorded_platform:
         raise LedgerError(
             f"{location}: the ledger belongs to platform {recorded_platform!r}, "
@@ -854,6 +902,13 @@ def _ledger_meta(
         )
     if wanted or recorded_platform:
         meta["platform"] = wanted or recorded_platform or ""
+    else:
+        log.warning(
+            "%s: the ledger records no platform name; a federation will refuse it "
+            "(fedcredit ledger rename %s --platform NAME)",
+            location,
+            location,
+        )
     as_of = plan.mapping.source.as_of
     if as_of is not None:
         meta["as_of"] = as_of.isoformat()
@@ -876,8 +931,8 @@ def _check_against_ledger(ledger: Ledger, plan: _Plan, batch: _Batch) -> set[str
     with _database_errors(ledger, "reading the ledger"):
         clashes = _existing(ledger, schema.loans.c.loan_id, batch.loan_rows)
         known = _existing(ledger, schema.borrowers.c.token, batch.borrowers)
-    loan_field = plan.fields["loan.loan_id"]
     for loan_id in sorted(clashes, key=lambda x: batch.loan_rows[x]):
+        loan_field = plan.fields["loan.loan_id"]
         row, line = batch.loan_rows[loan_id]
         batch.issues.add(
             ImportIssue(
@@ -965,6 +1020,7 @@ def _read_source(plan: _Plan, progress: _Progress) -> _Batch:
             reader = _RowReader(plan, position, len(header), batch, complete)
             for record in records:
                 reader.add(record)
+        _expand_categories(plan, batch)
     except _SourceFatal as fatal:
         batch.issues.add(
             ImportIssue(file=plan.name, row=fatal.row, line=fatal.line, message=fatal.message)
@@ -976,6 +1032,83 @@ def _read_source(plan: _Plan, progress: _Progress) -> _Batch:
         where = f" for partition {plan.partition!r}" if plan.partition else ""
         batch.issues.add(ImportIssue(file=plan.name, message=f"no data rows{where}"))
     return batch
+
+
+def _expand_categories(plan: _Plan, batch: _Batch) -> None:
+    """One-hot encode every categorical feature: one 0/1 feature per level.
+
+    Rows were read into level names (declared levels) or raw values (levels taken from the
+    file); here the raw values become levels (the ``max_levels`` most frequent, the rest
+    "other"), and every borrower gets every level's feature, so the columns do not depend
+    on which borrower holds which value. A missing cell sets the "missing" level.
+    """
+    names = set(plan.mapping.borrower.features)
+    for feature, spec in plan.mapping.borrower.features.items():
+        if spec.kind != "categorical":
+            continue
+        declared = spec.level_names()
+        if declared is None:
+            to_level = _levels_from_file(plan, batch, feature, names)
+            if to_level is None:
+                continue
+            levels = list(dict.fromkeys(to_level.values()))
+        else:
+            to_level = None
+            levels = list(dict.fromkeys(declared.values()))
+        if spec.other and OTHER_LEVEL not in levels:
+            levels.append(OTHER_LEVEL)
+        levels.append(MISSING_LEVEL)
+        for values in batch.features.values():
+            value = values.pop(feature, None)
+            if value is None:
+                level = MISSING_LEVEL
+            elif to_level is not None:
+                level = to_level.get(value, OTHER_LEVEL)
+            else:
+                level = value
+            for name in levels:
+                values[f"{feature}_{name}"] = 1.0 if name == level else 0.0
+
+
+def _levels_from_file(
+    plan: _Plan, batch: _Batch, feature: str, names: set[str]
+) -> dict[str, str] | None:
+    """Source value -> level name for a categorical feature without declared levels."""
+    spec = plan.mapping.borrower.features[feature]
+    counts: dict[str, int] = {}
+    for values in batch.features.values():
+        value = values.get(feature)
+        if value is not None:
+            counts[value] = counts.get(value, 0) + 1
+    ranked = sorted(counts, key=lambda v: (-counts[v], v))
+    if len(ranked) > spec.max_levels and not spec.other:
+        message = (
+            f"categorical feature {feature} has {len(ranked)} distinct values, more than "
+            f"max_levels = {spec.max_levels}; declare its levels or allow other = true"
+        )
+        batch.issues.add(ImportIssue(file=plan.name, column=spec.column, message=message))
+        return None
+    room = 64 - len(feature) - 1
+    taken = {OTHER_LEVEL, MISSING_LEVEL}
+    to_level: dict[str, str] = {}
+    for value in sorted(ranked[: spec.max_levels]):
+        base = level_slug(value)[:room] or "blank"
+        level, n = base, 1
+        while level in taken or f"{feature}_{level}" in names:
+            n += 1
+            level = f"{base[: room - len(str(n)) - 1]}_{n}"
+        taken.add(level)
+        to_level[value] = level
+    if len(ranked) > spec.max_levels:
+        log.warning(
+            "%s: feature %s: %d values beyond max_levels = %d go to level %r",
+            plan.name,
+            feature,
+            len(ranked) - spec.max_levels,
+            spec.max_levels,
+            OTHER_LEVEL,
+        )
+    return to_level
 
 
 def _write(
@@ -995,6 +1128,7 @@ def _write(
         for name, value in values.items()
         if value is not None
     ]
+    missing = sum(len(values) for values in batch.features.values()) - len(features)
     total = len(batch.borrowers) + len(features) + len(batch.loans) + len(batch.history)
     progress.start(f"writing {ledger.location}", total)
     with _database_errors(ledger, "writing the import (rolled back)"):
@@ -1018,6 +1152,7 @@ def _write(
         "borrowers_new": len(new),
         "borrowers_updated": len(updated),
         "features": len(features),
+        "features_missing": missing,
     }
 
 
@@ -1069,13 +1204,15 @@ def import_file(
     partition: str | None = None,
     progress: bool = False,
     platform: str | None = None,
+    require_platform: bool = False,
 ) -> ImportReport:
     """Import one extract into a ledger (created if missing), all or nothing.
 
     ``key`` is the federation key (needed unless the id column already holds tokens);
     ``partition`` picks one platform's share when the mapping has [partition] (required
     then, refused otherwise); ``platform`` is recorded in ledger_meta (default: the
-    partition name, else what the ledger already records).
+    partition name, else what the ledger already records); ``require_platform`` refuses an
+    import that leaves the ledger without a platform name (the CLI always sets it).
 
     Raises ImportValidationError (bad mapping, source, key or partition; ``.errors`` lists
     the problems) or LedgerError (ledger unreadable, of another key or platform, or a
@@ -1083,11 +1220,11 @@ def import_file(
     """
     started = time.perf_counter()
     source = Path(source)
-    plan = _make_plan(source, mapping, key, partition)
+    plan = _make_plan(source, mapping, key, partition, platform)
     bar = _Progress(progress)
     with _open(ledger) as led, bar.running():
         state = _ledger_state(led, ledger)
-        meta = _ledger_meta(plan, state, platform, led.location)
+        meta = _ledger_meta(plan, state, platform, led.location, require_platform)
         batch = _read_source(plan, bar)
         known: set[str] = set()
         if state is not None:
@@ -1107,6 +1244,7 @@ def import_file(
         loans=len(batch.loans),
         history_rows=len(batch.history),
         features=counts["features"],
+        features_missing=counts["features_missing"],
         seconds=round(time.perf_counter() - started, 3),
     )
     log.info(

@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from clients.ledger import schema
+from protocols.identity import PLATFORM_NAME_PATTERN
 
 #: How many problems an ImportValidationError lists before summarising the rest.
 MAX_ISSUES = 50
@@ -119,7 +120,16 @@ class CellError(ValueError):
 # -- what each field means --------------------------------------------------------------
 
 FieldKind = Literal[
-    "money", "count", "int", "fraction", "date", "text", "product", "status", "feature"
+    "money",
+    "count",
+    "int",
+    "fraction",
+    "date",
+    "text",
+    "product",
+    "status",
+    "feature",
+    "category",
 ]
 
 
@@ -159,8 +169,27 @@ LOAN_FIELDS: dict[str, FieldInfo] = {
 }
 
 FEATURE_INFO = FieldInfo("feature", "value")
+CATEGORY_INFO = FieldInfo("category", "value")
+#: Levels a categorical feature takes from the file when none are declared (the most
+#: frequent ones; the rest go to the "other" level).
+DEFAULT_MAX_LEVELS = 20
+MAX_LEVELS_CAP = 200
+#: Level names every categorical feature may get: unseen values, and missing cells.
+OTHER_LEVEL = "other"
+MISSING_LEVEL = "missing"
+RESERVED_LEVELS = (OTHER_LEVEL, MISSING_LEVEL)
+_LEVEL_NAME = re.compile(r"[A-Za-z0-9_]+")
 _FEATURE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _MONTH = re.compile(r"(\d{4})-(\d{2})")
+
+
+def level_slug(value: str) -> str:
+    """A level name from a source value: lower case, runs of other characters as '_'.
+
+    ``"... < 0 DM"`` becomes ``"0_dm"``; an empty slug becomes ``"blank"``.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "_", value.strip().lower()).strip("_")
+    return slug or "blank"
 
 
 def dpd_for_code(code: str) -> int:
@@ -191,6 +220,10 @@ class FieldSpec(_Strict):
     map: dict[str, str | int | float] | None = None
     negative: Literal["error", "zero"] | None = None
     prefix: str | None = None
+    kind: Literal["numeric", "categorical"] | None = None
+    levels: list[str] | dict[str, str] | None = None
+    other: bool = True
+    max_levels: int = DEFAULT_MAX_LEVELS
 
     @model_validator(mode="before")
     @classmethod
@@ -205,14 +238,38 @@ class FieldSpec(_Strict):
             raise ValueError("column name is empty")
         if self.map is not None and self.column is None:
             raise ValueError('"map" translates column values; it needs "column"')
+        categorical = self.kind == "categorical"
+        if categorical and (self.column is None or self.map is not None):
+            raise ValueError(
+                'a categorical feature reads a column and takes "levels", not "map" or "constant"'
+            )
+        touched = self.model_fields_set & {"levels", "other", "max_levels"}
+        if touched and not categorical:
+            raise ValueError(f'{", ".join(sorted(touched))}: only with kind = "categorical"')
+        if not 1 <= self.max_levels <= MAX_LEVELS_CAP:
+            raise ValueError(f"max_levels must be 1..{MAX_LEVELS_CAP}")
         return self
+
+    def level_names(self) -> dict[str, str] | None:
+        """Declared source value -> level name (None: levels are taken from the file)."""
+        if self.levels is None:
+            return None
+        if isinstance(self.levels, list):
+            return {v.strip(): level_slug(v) for v in self.levels}
+        return {k.strip(): v for k, v in self.levels.items()}
 
 
 class IdField(_Strict):
-    """The borrower identifier column and what it holds."""
+    """The borrower identifier column and what it holds, or the row number as identifier.
 
-    column: str
+    ``row_number = true`` is for files without any identifier (a scoring data set): each
+    data row is its own borrower, hashed like a customer number, so tokens link rows
+    within that one file only.
+    """
+
+    column: str | None = None
     kind: Literal["national_id", "customer_number", "token"] = "national_id"
+    row_number: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -221,10 +278,23 @@ class IdField(_Strict):
 
     @field_validator("column")
     @classmethod
-    def _non_empty(cls, value: str) -> str:
-        if not value.strip():
+    def _non_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("column name is empty")
-        return value.strip()
+        return value.strip() if value is not None else None
+
+    @model_validator(mode="after")
+    def _column_or_row_number(self) -> IdField:
+        if (self.column is not None) != self.row_number:
+            return self._row_number_kind()
+        raise ValueError('give exactly one of "column" or "row_number = true"')
+
+    def _row_number_kind(self) -> IdField:
+        if self.row_number:
+            if "kind" in self.model_fields_set and self.kind != "customer_number":
+                raise ValueError('row numbers are hashed as kind = "customer_number"')
+            self.kind = "customer_number"
+        return self
 
 
 def _parse_iso_date(value: Any) -> Any:
@@ -247,8 +317,14 @@ class SourceSection(_Strict):
     money_scale: int | float = 100
     as_of: date | None = None
     ignore: list[str] = []
+    missing: list[str] = []
 
     _check_as_of = field_validator("as_of", mode="before")(_parse_iso_date)
+
+    @field_validator("missing")
+    @classmethod
+    def _trimmed(cls, value: list[str]) -> list[str]:
+        return [v.strip() for v in value]  # cells are compared after trimming
 
     @field_validator("delimiter")
     @classmethod
@@ -318,6 +394,7 @@ class LoanSection(_Strict):
     days_past_due: FieldSpec | None = None
     max_dpd_12m: FieldSpec | None = None
     repayment_status: FieldSpec | None = None
+    scoring_only: bool = False
 
 
 class AmountColumns(_Strict):
@@ -406,6 +483,7 @@ class Mapping(_Strict):
     """A whole mapping file. Build with ``load_mapping`` / ``parse_mapping``."""
 
     version: Literal[1]
+    platform: str | None = None
     source: SourceSection = SourceSection()
     borrower: BorrowerSection
     loan: LoanSection
@@ -413,6 +491,13 @@ class Mapping(_Strict):
     partition: PartitionSection | None = None
 
     _origin: str = PrivateAttr(default="mapping")
+
+    @field_validator("platform")
+    @classmethod
+    def _platform_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(PLATFORM_NAME_PATTERN, value):
+            raise ValueError(f"must match {PLATFORM_NAME_PATTERN} (letters, digits, _ . -)")
+        return value
 
     @property
     def origin(self) -> str:
@@ -428,7 +513,8 @@ class Mapping(_Strict):
             if spec is not None:
                 yield f"borrower.{name}", name, info, spec
         for name, spec in self.borrower.features.items():
-            yield f"borrower.features.{name}", name, FEATURE_INFO, spec
+            info = CATEGORY_INFO if spec.kind == "categorical" else FEATURE_INFO
+            yield f"borrower.features.{name}", name, info, spec
         for name, info in LOAN_FIELDS.items():
             spec = getattr(self.loan, name)
             if spec is not None:
@@ -460,7 +546,7 @@ class Mapping(_Strict):
             if column is not None:
                 used.setdefault(column, []).append(key)
 
-        use(self.borrower.id.column, "borrower.id")
+        use(self.borrower.id.column, "borrower.id")  # None (row numbers) is skipped
         for key, _name, _info, spec in self.specs():
             use(spec.column, key)
         if self.history is not None:
@@ -483,18 +569,78 @@ class Mapping(_Strict):
         found += self._field_option_problems()
         found += self._required_problems()
         found += self._history_problems()
+        found += self._scoring_only_problems()
+        found += self._categorical_problems()
+        if self.platform is not None and self.partition is not None:
+            found.append(
+                ("platform", "[partition] names the platforms already; drop one of the two")
+            )
         used = self.used_columns()
         for column in self.source.ignore:
             if column in used:
                 found.append(("source.ignore", f"{column!r} is ignored but also mapped"))
         return found
 
+    def _scoring_only_problems(self) -> list[tuple[str, str]]:
+        if not self.loan.scoring_only:
+            return []
+        found = []
+        for name in LOAN_FIELDS:
+            if getattr(self.loan, name) is not None:
+                found.append((f"loan.{name}", "a scoring_only source has no loans to map"))
+        if self.history is not None:
+            found.append(("history", "a scoring_only source has no loans, so no history"))
+        return found
+
+    def _categorical_problems(self) -> list[tuple[str, str]]:
+        found = []
+        names = set(self.borrower.features)
+        for feature, spec in self.borrower.features.items():
+            if spec.kind != "categorical":
+                continue
+            key = f"borrower.features.{feature}"
+            declared = spec.level_names()
+            if declared is not None and not declared:
+                found.append((f"{key}.levels", "declare at least one level (or omit levels)"))
+            if declared is not None and "" in declared:
+                found.append((f"{key}.levels", 'an empty cell is the "missing" level already'))
+            if isinstance(spec.levels, list):
+                slugs: dict[str, str] = {}
+                for value in spec.levels:
+                    first = slugs.setdefault(level_slug(value), value)
+                    if first != value:
+                        found.append(
+                            (
+                                f"{key}.levels",
+                                f"{first!r} and {value!r} both become level "
+                                f"{level_slug(value)!r}; name the levels with a table",
+                            )
+                        )
+            levels = set((declared or {}).values())
+            for level in sorted(levels):
+                if level in RESERVED_LEVELS:
+                    found.append((f"{key}.levels", f"{level!r} is a reserved level name"))
+                elif not _LEVEL_NAME.fullmatch(level):
+                    found.append(
+                        (f"{key}.levels", f"level name {level!r}: letters, digits and '_' only")
+                    )
+            for level in [*levels, *RESERVED_LEVELS]:
+                full = f"{feature}_{level}"
+                if not _FEATURE_NAME.fullmatch(full):
+                    found.append((key, f"feature name {full!r} is longer than 64 characters"))
+                elif full in names:
+                    found.append((key, f"level feature {full!r} clashes with a feature"))
+        return found
+
     def _borrower_problems(self) -> list[tuple[str, str]]:
         found = []
         if self.borrower.id.kind == "customer_number" and not (self.borrower.namespace or ""):
-            found.append(
-                ("borrower.namespace", 'required when borrower.id.kind is "customer_number"')
+            what = (
+                "row_number = true"
+                if self.borrower.id.row_number
+                else ('kind is "customer_number"')
             )
+            found.append(("borrower.namespace", f"required when borrower.id {what}"))
         for name in self.borrower.features:
             if not _FEATURE_NAME.fullmatch(name):
                 found.append(
@@ -513,10 +659,14 @@ class Mapping(_Strict):
                 found.append((f"{key}.negative", "only money and count fields take 'negative'"))
             if spec.prefix is not None and info.kind != "text":
                 found.append((f"{key}.prefix", "only text fields (loan_id) take 'prefix'"))
+            if spec.kind is not None and info.kind not in ("feature", "category"):
+                found.append((f"{key}.kind", "only borrower.features take 'kind'"))
         return found
 
     def _required_problems(self) -> list[tuple[str, str]]:
         found = []
+        if self.loan.scoring_only:
+            return found
         for name, info in LOAN_FIELDS.items():
             if not info.required or getattr(self.loan, name) is not None:
                 continue
@@ -719,6 +869,8 @@ def _kind_parser(
         return _product
     if kind == "status":
         return _status
+    if kind == "category":
+        return _category_parser(spec, name)
     return _feature
 
 
@@ -818,6 +970,29 @@ def _feature(cell: Cell) -> float:
     if not math.isfinite(value):
         raise CellError(f"feature value {_show(str(cell))} is too large")
     return value
+
+
+def _category_parser(spec: FieldSpec, name: str) -> Callable[[Cell], str]:
+    """A categorical cell -> its level name (declared levels) or its text (levels from the file).
+
+    Values not among declared levels go to the "other" level, or are errors when the
+    feature has ``other = false``.
+    """
+    declared = spec.level_names()
+    if declared is None:
+        return lambda cell: cell.isoformat() if isinstance(cell, date) else cell
+    allow_other = spec.other
+
+    def parse(cell: Cell) -> str:
+        text = cell.isoformat() if isinstance(cell, date) else cell
+        level = declared.get(text)
+        if level is not None:
+            return level
+        if allow_other:
+            return OTHER_LEVEL
+        raise CellError(f"value {_show(text)} is not a declared level of {name}")
+
+    return parse
 
 
 def history_amount_parser(

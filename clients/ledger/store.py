@@ -9,6 +9,7 @@ building a dict per row costs more than the insert itself at millions of rows.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,11 +17,22 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event, func, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from clients.ledger import schema
+from protocols.identity import PLATFORM_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +140,55 @@ class Ledger:
             return
         with self.engine.begin() as own:
             self._set_meta(own, values)
+
+    def rename_platform(self, new: str, *, force: bool = False) -> dict[str, str | None]:
+        """Record a new platform name, in one transaction; returns what changed.
+
+        Why refuse by default once the ledger has taken part in a federation (a non-empty
+        ``query_log`` or ``received_totals``): the old name is then in the hash-chained query
+        log's history, in the roster this platform enrolled under and in other platforms'
+        received totals, so a silent rename would make the audit trail name a platform that
+        no longer exists. ``force`` renames anyway (re-enrol afterwards). The previous name
+        is kept as ``platform_renamed_from``. Raises LedgerError (the ledger is unchanged).
+        """
+        if not re.fullmatch(PLATFORM_NAME_PATTERN, new):
+            raise LedgerError(f"platform name {new!r} must match {PLATFORM_NAME_PATTERN}")
+        try:
+            with self.engine.begin() as conn:
+                meta = self._meta(conn)
+                if meta.get("schema_version") != str(schema.SCHEMA_VERSION):
+                    raise LedgerError(f"{self.location}: not a fedcredit ledger of this version")
+                old = meta.get("platform")
+                used = self._federation_rows(conn)
+                if used and not force and old != new:
+                    detail = ", ".join(f"{t}: {n} rows" for t, n in used.items())
+                    raise LedgerError(
+                        f"{self.location}: platform {old!r} has already taken part in a "
+                        f"federation ({detail}); renaming breaks its audit trail and enrolment "
+                        "(pass --force to rename anyway, then re-enrol)"
+                    )
+                changed: dict[str, str | None] = {"platform": new, "previous": old}
+                if old != new:
+                    values = {"platform": new}
+                    if old:
+                        values["platform_renamed_from"] = old
+                    self._set_meta(conn, values)
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"{self.location}: rename failed (nothing changed): {exc}") from None
+        log.info("%s: platform %r renamed to %r", self.location, old, new)
+        return changed
+
+    @staticmethod
+    def _federation_rows(conn: Connection) -> dict[str, int]:
+        """Rows in the tables a federation writes (query log, received totals), if any."""
+        present = set(inspect(conn).get_table_names())
+        found = {}
+        for name in ("query_log", "received_totals"):
+            if name in present:
+                count = conn.execute(text(f"SELECT COUNT(*) FROM {name}")).scalar_one()
+                if count:
+                    found[name] = int(count)
+        return found
 
     # -- reading and writing -------------------------------------------------------------
 
