@@ -180,7 +180,7 @@ def calibration_figure(histograms: Mapping[str, ScoreHistogram]) -> Figure | Non
     ax.set_xlabel("mean predicted default probability (per score decile)")
     ax.set_ylabel("observed default rate")
     ax.set_title("Reliability by score decile, held-out borrowers")
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="lower right", fontsize="small")
     return fig
 
 
