@@ -161,11 +161,18 @@ def _train(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
 
 
 def _evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
-    _req, model, X, y = _model_and_rows(msg, ctx, data, "test")
+    req, model, X, y = _model_and_rows(msg, ctx, data, "test")
     from protocols.metrics import ScoreHistogram
     from protocols.model import log_loss, predict_proba
 
     hist = ScoreHistogram.of(predict_proba(model, X), y)  # type: ignore[arg-type]
+    # The training rows' scores too, as counts: the bureau compares the two summed
+    # distributions (PSI) without seeing a score.
+    X_train, y_train = data.rows(
+        req.feature_set, req.features, "train", req.test_share, _delivered_totals(ctx)
+    )
+    X_train = Scaler(np.asarray(req.mean), np.asarray(req.std)).transform(X_train)
+    train = ScoreHistogram.of(predict_proba(model, X_train), y_train)  # type: ignore[arg-type]
     return RecordDict(
         {
             "metrics": MetricRecord(
@@ -174,6 +181,8 @@ def _evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
                     "loss": float(log_loss(model, X, y)) if len(y) else 0.0,  # type: ignore[arg-type]
                     "hist-pos": hist.positives.tolist(),
                     "hist-neg": hist.negatives.tolist(),
+                    "train-hist-pos": train.positives.tolist(),
+                    "train-hist-neg": train.negatives.tolist(),
                 }
             )
         }

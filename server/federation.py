@@ -172,6 +172,7 @@ def _model_summary(
 ) -> dict[str, Any]:
     return {
         **trained.histogram.summary(),
+        "calibration": trained.calibration(),
         "per_platform": {names[n]: h.summary() for n, h in trained.per_node.items()},
         "history": trained.history,
         "files": files,
@@ -208,9 +209,14 @@ def run_federation(
         def train(kind: str, feature_set: str, names_: list[str]) -> None:
             t = time.perf_counter()
             trained = train_federated(grid, nodes, kind, feature_set, names_, settings)
-            metrics = trained.histogram.summary()
-            files = save_model(out, trained, platforms, metrics)
-            models[kind][feature_set] = _model_summary(trained, names, files)
+            entry = _model_summary(trained, names, {})
+            metrics = {
+                **trained.histogram.summary(),
+                "brier": entry["calibration"]["brier"],
+                "psi": entry["calibration"]["psi"],
+            }
+            entry["files"] = save_model(out, trained, platforms, metrics)
+            models[kind][feature_set] = entry
             prefix = f"{kind}-{feature_set}"
             for node, hist in trained.per_node.items():
                 histograms[f"{prefix}:{names[node]}:pos"] = hist.positives

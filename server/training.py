@@ -4,7 +4,9 @@ FedAvg is Flower's own strategy (``flwr.serverapp.strategy.FedAvg``), made stric
 which any platform failed stops training with that platform's reason, rather than silently
 averaging the others (a credit model missing a platform is a different model). Evaluation
 replies are score histograms; they are summed, and AUC and KS read off the sum (see
-``protocols.metrics``), never averaged across platforms.
+``protocols.metrics``), never averaged across platforms. The same goes for calibration: the
+Brier score and reliability table come off the summed held-out histogram, and the PSI
+compares it with the summed histogram of the training rows' scores (``train-hist-*``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -19,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from protocols import messages as m
-from protocols.metrics import BINS, ScoreHistogram
+from protocols.metrics import BINS, ScoreHistogram, calibration_summary, psi
 from protocols.model import build_model
 from protocols.scaling import FeatureSums, Scaler, combine
 from server import progress
@@ -69,27 +72,46 @@ def federated_scaler(
     return combine(parts)
 
 
-def histogram_of(record: MetricRecord) -> ScoreHistogram:
-    pos = np.asarray(record["hist-pos"], dtype=np.int64)
-    neg = np.asarray(record["hist-neg"], dtype=np.int64)
+def histogram_of(record: MetricRecord, prefix: str = "hist") -> ScoreHistogram:
+    """The held-out (``hist-*``) or training-row (``train-hist-*``) histogram of a reply."""
+    pos = np.asarray(record[f"{prefix}-pos"], dtype=np.int64)
+    neg = np.asarray(record[f"{prefix}-neg"], dtype=np.int64)
     if pos.shape != (BINS,) or neg.shape != (BINS,) or (pos < 0).any() or (neg < 0).any():
         raise FederationError("an evaluation reply carried a malformed score histogram")
     return ScoreHistogram(pos, neg)
 
 
+def train_histogram_of(record: MetricRecord) -> ScoreHistogram | None:
+    """The training rows' histogram, or None from a platform that does not send one."""
+    if "train-hist-pos" not in record or "train-hist-neg" not in record:
+        return None
+    return histogram_of(record, "train-hist")
+
+
 def sum_histograms(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Flower metric aggregation: add the histograms, then read AUC and KS off the sum."""
+    """Flower metric aggregation: add the histograms, then read AUC, KS, Brier score and
+    (when every platform sent its training rows' histogram) PSI off the sums."""
     total = ScoreHistogram.empty()
+    train: ScoreHistogram | None = ScoreHistogram.empty()
     loss, n = 0.0, 0
     for record in records:
         metrics = next(iter(record.metric_records.values()))
         total = total + histogram_of(metrics)
+        part = train_histogram_of(metrics)
+        train = None if part is None or train is None else train + part
         count = int(metrics[weight_key])  # type: ignore[arg-type]
         loss += float(metrics["loss"]) * count  # type: ignore[arg-type]
         n += count
-    return MetricRecord(
-        {"auc": total.auc(), "ks": total.ks(), "loss": loss / max(n, 1), "n": total.count}
-    )
+    out: dict[str, float | int] = {
+        "auc": total.auc(),
+        "ks": total.ks(),
+        "brier": total.brier(),
+        "loss": loss / max(n, 1),
+        "n": total.count,
+    }
+    if train is not None:
+        out["psi"] = psi(train, total)
+    return MetricRecord(out)  # type: ignore[arg-type]
 
 
 class StrictFedAvg(FedAvg):
@@ -116,13 +138,28 @@ class TrainedModel:
     rounds: int
     history: list[dict[str, float]] = field(default_factory=list)
     per_node: dict[int, ScoreHistogram] = field(default_factory=dict)
+    # The training rows' score histograms, from the same final evaluation as ``per_node``.
+    train_per_node: dict[int, ScoreHistogram] = field(default_factory=dict)
 
     @property
     def histogram(self) -> ScoreHistogram:
+        """Held-out scores summed over platforms."""
         total = ScoreHistogram.empty()
         for hist in self.per_node.values():
             total = total + hist
         return total
+
+    @property
+    def train_histogram(self) -> ScoreHistogram | None:
+        """Training rows' scores summed over platforms; None unless every platform sent
+        them (a partial sum would make the PSI compare different populations)."""
+        if not self.per_node or set(self.train_per_node) != set(self.per_node):
+            return None
+        return sum(self.train_per_node.values(), ScoreHistogram.empty())
+
+    def calibration(self) -> dict[str, Any]:
+        """Brier score, PSI (training vs held-out) and reliability table, from the sums."""
+        return calibration_summary(self.histogram, self.train_histogram)
 
     def instructions(self, settings: FederationSettings) -> m.ModelInstructions:
         return instructions(self.kind, self.feature_set, self.features, self.scaler, settings)
@@ -181,14 +218,16 @@ def train_federated(
     # result, and progress is reported per round through the evaluation aggregation hook.
     def on_round(records: list[RecordDict], weight_key: str) -> MetricRecord:
         metrics = sum_histograms(records, weight_key)
-        history.append(
-            {
-                "round": len(history) + 1,
-                "auc": round(float(metrics["auc"]), 4),  # type: ignore[arg-type]
-                "ks": round(float(metrics["ks"]), 4),  # type: ignore[arg-type]
-                "loss": round(float(metrics["loss"]), 5),  # type: ignore[arg-type]
-            }
-        )
+        entry = {
+            "round": len(history) + 1,
+            "auc": round(float(metrics["auc"]), 4),  # type: ignore[arg-type]
+            "ks": round(float(metrics["ks"]), 4),  # type: ignore[arg-type]
+            "loss": round(float(metrics["loss"]), 5),  # type: ignore[arg-type]
+            "brier": round(float(metrics["brier"]), 6),  # type: ignore[arg-type]
+        }
+        if "psi" in metrics:
+            entry["psi"] = round(float(metrics["psi"]), 6)  # type: ignore[arg-type]
+        history.append(entry)
         progress.report(label, len(history), settings.num_rounds, f"AUC {metrics['auc']:.4f}")
         return metrics
 
@@ -210,17 +249,21 @@ def train_federated(
         rounds=settings.num_rounds,
         history=history,
     )
-    trained.per_node = evaluate_per_node(grid, nodes, trained, settings)
+    trained.per_node, trained.train_per_node = evaluate_per_node(grid, nodes, trained, settings)
     return trained
 
 
 def evaluate_per_node(
     grid: Grid, nodes: Sequence[int], trained: TrainedModel, settings: FederationSettings
-) -> dict[int, ScoreHistogram]:
+) -> tuple[dict[int, ScoreHistogram], dict[int, ScoreHistogram]]:
+    """Each platform's held-out histogram, and its training rows' where it sent one."""
     content = trained.instructions(settings).to_content()
     content.array_records["arrays"] = trained.arrays
     replies = ask_all(grid, nodes, "evaluate", content, settings.timeout)
-    return {
-        node: histogram_of(next(iter(reply.metric_records.values())))
-        for node, reply in replies.items()
-    }
+    held_out, train = {}, {}
+    for node, reply in replies.items():
+        metrics = next(iter(reply.metric_records.values()))
+        held_out[node] = histogram_of(metrics)
+        if (part := train_histogram_of(metrics)) is not None:
+            train[node] = part
+    return held_out, train

@@ -16,7 +16,7 @@ import pytest
 
 from fedcredit.demo import report as demo_report
 from fedcredit.demo.report import write_report
-from protocols.metrics import ScoreHistogram
+from protocols.metrics import ScoreHistogram, calibration_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLATFORMS = ["platform-01", "platform-02", "platform-03"]
@@ -50,6 +50,16 @@ def _metrics(h: ScoreHistogram) -> dict[str, float]:
 def full_report(histograms: dict[str, ScoreHistogram]) -> dict:
     fed, fcp = _metrics(histograms["federated"]), _metrics(histograms["federated_cross_platform"])
     local = {p: _metrics(histograms[f"local_only:{p}"]) for p in PLATFORMS}
+    # As the bureau computes them: from the summed held-out and training-row histograms.
+    train = _histogram(np.random.default_rng(9), 1.1, n=9000)
+    cal = {
+        "federated": calibration_summary(histograms["federated"], train),
+        "federated_cross_platform": calibration_summary(
+            histograms["federated_cross_platform"], train
+        ),
+        "centralized": calibration_summary(histograms["centralized"]),
+    }
+    fcp_cal = cal["federated_cross_platform"]
     return {
         "data": {
             "source": "synthetic",
@@ -66,6 +76,8 @@ def full_report(histograms: dict[str, ScoreHistogram]) -> dict:
         "federated": fed,
         "federated_cross_platform": fcp,
         "lift": {"auc": round(fcp["auc"] - fed["auc"], 4), "gini": 0.1},
+        "calibration": {"brier": fcp_cal["brier"], "psi": fcp_cal["psi"]},
+        "calibration_detail": {"model": "federated_cross_platform", **fcp_cal},
         "local_only": local,
         "per_platform": {
             p: {
@@ -83,6 +95,7 @@ def full_report(histograms: dict[str, ScoreHistogram]) -> dict:
             },
             "mlp": {"federated": fed, "federated_cross_platform": fcp, "centralized": None},
         },
+        "calibration_by_model": {"mlp": cal, "lr": {"federated": cal["federated"]}},
         "primary_model": "mlp",
         "training": {
             "federated": [
@@ -125,10 +138,17 @@ def minimal_report() -> dict:
 def test_full_report_writes_every_file(tmp_path: Path, full_report, histograms) -> None:
     written = write_report(full_report, histograms, tmp_path)
     names = [p.name for p in written]
-    assert names == ["report.json", "roc.png", "scores.png", "training.png", "report.md"]
+    assert names == [
+        "report.json",
+        "roc.png",
+        "scores.png",
+        "calibration.png",
+        "training.png",
+        "report.md",
+    ]
     for path in written:
         assert path.parent == tmp_path and path.stat().st_size > 0
-    for name in ("roc.png", "scores.png", "training.png"):
+    for name in ("roc.png", "scores.png", "calibration.png", "training.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".*partial")), "temporary files left behind"
 
@@ -143,6 +163,15 @@ def test_report_json_round_trips_with_nan_as_null(tmp_path: Path, full_report, h
     assert list(back) == list(full_report), "keys keep the run's order (not sorted)"
     assert back["federated"] == full_report["federated"]
     assert back["per_platform"] == full_report["per_platform"]
+    assert set(back["calibration"]) == {"brier", "psi"}
+    assert back["calibration"] == full_report["calibration"]
+    assert len(back["calibration_detail"]["reliability"]) == 10
+    assert set(back["calibration_by_model"]["mlp"]) == {
+        "federated",
+        "federated_cross_platform",
+        "centralized",
+    }
+    assert back["calibration_by_model"]["mlp"]["centralized"]["psi"] is None
 
 
 def test_markdown_has_the_figures(tmp_path: Path, full_report, histograms) -> None:
@@ -164,8 +193,17 @@ def test_markdown_has_the_figures(tmp_path: Path, full_report, histograms) -> No
     assert "3.1 MiB" in md
     assert "| train | 40.25 s | 84% |" in md
     assert "from cross-platform totals" in md  # the lift's meaning, recognised from the numbers
-    for png in ("roc.png", "scores.png", "training.png"):
+    for png in ("roc.png", "scores.png", "calibration.png", "training.png"):
         assert f"]({png})" in md
+    cal = full_report["calibration_detail"]
+    assert "## Calibration and stability" in md
+    assert f"Brier score {cal['brier']:.4f}" in md
+    assert f"PSI, training vs held-out scores: {cal['psi']:.4f}** ({cal['psi_verdict']})" in md
+    assert "| decile | n | defaults | mean predicted | observed | observed / predicted |" in md
+    first = cal["reliability"][0]
+    row = f"| 1 | {first['count']:,} | {first['defaults']:,} | {first['mean_predicted']:.2%} |"
+    assert row in md
+    assert "PSI** (population stability index)" in md and "above 0.25" in md
     assert "KS >= 0.2" in md and "Gini" in md and "summed" in md
     assert "unavailable" not in md.split("## How to read this")[0]
 
@@ -174,13 +212,17 @@ def test_minimal_report_is_honest_about_what_is_missing(tmp_path: Path, minimal_
     h = _histogram(np.random.default_rng(1), 0.8)
     written = write_report(minimal_report, {"federated": h}, tmp_path)
     names = {p.name for p in written}
-    assert names == {"report.json", "roc.png", "scores.png", "report.md"}, "no training data"
+    assert names == {"report.json", "roc.png", "scores.png", "calibration.png", "report.md"}, (
+        "no training data"
+    )
     md = (tmp_path / "report.md").read_text()
     assert "Bayes bound: unavailable (no truth file)" in md
     assert "no debt query keys configured" in md
     assert "Cost of federation: not measured" in md
     assert "n/a" in md and "platform ledgers" in md
     assert "](training.png)" not in md
+    assert "## Calibration and stability" in md  # the plot, from the histogram
+    assert "Brier score and PSI: not reported by this run" in md  # none invented
     assert json.loads((tmp_path / "report.json").read_text())["federated"]["auc"] is None
 
 

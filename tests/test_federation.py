@@ -23,6 +23,7 @@ from clients.received_totals import read_received_totals
 from fedcredit.datagen.config import PopulationConfig
 from fedcredit.datagen.generate import generate
 from protocols import messages as m
+from protocols.metrics import ScoreHistogram, calibration_summary
 from protocols.model import build_model
 from server.federation import load_histograms, run_federation
 from server.settings import FederationSettings
@@ -100,8 +101,18 @@ def test_pipeline_outputs(federation, truth, ledgers) -> None:  # type: ignore[n
             entry = summary["models"][kind][feature_set]
             assert [h["round"] for h in entry["history"]] == [1, 2, 3]
             assert set(entry["per_platform"]) == set(summary["platforms"])
+            # Calibration from the summed histograms (3 rounds on tiny data: not calibrated
+            # yet, so only the shape is checked here; the numbers in test_metrics_*).
+            cal = entry["calibration"]
+            assert 0.0 < cal["brier"] < 1.0 and 0.0 <= cal["psi"] < 10.0
+            assert sum(r["count"] for r in cal["reliability"]) == entry["n"]
+            assert all({"brier", "psi"} <= set(h) for h in entry["history"])
     hists = load_histograms(out / "evaluation-histograms.npz")
     assert set(hists) == {"lr-local", "lr-cross", "mlp-local", "mlp-cross"}
+    summed = sum(hists["mlp-cross"].values(), ScoreHistogram.empty())
+    cal = summary["models"]["mlp"]["cross"]["calibration"]
+    assert cal["brier"] == pytest.approx(summed.brier(), abs=1e-6)
+    assert cal["reliability"] == calibration_summary(summed)["reliability"]
 
 
 def test_saved_model_metadata_and_weights(federation) -> None:  # type: ignore[no-untyped-def]
@@ -141,7 +152,14 @@ def test_no_raw_rows_cross_the_wire(federation, ledgers) -> None:  # type: ignor
         assert set(content.array_records) == arrays
         if kind == "evaluate":
             metrics = content.metric_records["metrics"]
-            assert set(metrics) == {"num-examples", "loss", "hist-pos", "hist-neg"}
+            assert set(metrics) == {
+                "num-examples",
+                "loss",
+                "hist-pos",
+                "hist-neg",
+                "train-hist-pos",
+                "train-hist-neg",
+            }
 
 
 def test_debt_profile_replies_do_not_reveal_holdings(federation) -> None:  # type: ignore[no-untyped-def]

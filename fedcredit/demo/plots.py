@@ -147,6 +147,43 @@ def scores_figure(histograms: Mapping[str, ScoreHistogram]) -> Figure | None:
     return fig
 
 
+def calibration_figure(histograms: Mapping[str, ScoreHistogram]) -> Figure | None:
+    """Reliability by score decile: observed default rate against mean predicted
+    probability, one line per model (federated ones and the centralized yardstick), the
+    diagonal being perfect calibration; None when no histogram has both classes."""
+    usable = _usable(histograms)
+    keys = [k for k in NAMES if k in usable]
+    if not keys:
+        return None
+    fig = _figure(6.0, 5.4)
+    ax = fig.add_subplot()
+    top = 0.0
+    for key in keys:
+        h = usable[key]
+        rows = h.reliability()
+        predicted = [r["mean_predicted"] for r in rows]
+        observed = [r["observed_rate"] for r in rows]
+        top = max(top, *predicted, *observed)
+        ax.plot(
+            predicted,
+            observed,
+            marker="o",
+            ms=4,
+            c=COLOURS.get(key),
+            lw=1.8 if key.startswith("federated") else 1.0,
+            ls="-" if key.startswith("federated") else "--",
+            label=f"{name_of(key)} (Brier {h.brier():.4f})",
+        )
+    top *= 1.05
+    ax.plot([0, top], [0, top], ls=":", c="0.5", lw=1, label="perfectly calibrated")
+    ax.set(xlim=(0, top), ylim=(0, top), aspect="equal")
+    ax.set_xlabel("mean predicted default probability (per score decile)")
+    ax.set_ylabel("observed default rate")
+    ax.set_title("Reliability by score decile, held-out borrowers")
+    ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
 def training_figure(
     training: Mapping[str, Sequence[Mapping[str, object]]],
     references: Mapping[str, float],

@@ -27,11 +27,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fedcredit.demo import plots
-from protocols.metrics import ScoreHistogram
+from protocols.metrics import ScoreHistogram, psi_verdict
 
 log = logging.getLogger(__name__)
 
-PNGS = ("roc.png", "scores.png", "training.png")
+PNGS = ("roc.png", "scores.png", "calibration.png", "training.png")
 FCP, FED = "federated_cross_platform", "federated"
 MODELS = (  # report key, what the model sees
     ("centralized", "all platforms' raw records pooled: a yardstick, never allowed"),
@@ -51,6 +51,14 @@ HOW_TO_READ = """\
   Real ledgers have no truth file, so there is no bound for them.
 - **Federated AUC and KS** come from score histograms summed across platforms (sums can be
   aggregated securely), not from averaging per-platform AUCs, which would be wrong.
+- **Brier score**: the mean squared error of the predicted default probability (lower is
+  better); the reference is the Brier score of predicting the default rate for everyone.
+  **Reliability by decile**: borrowers in ten equal groups by score, each group's mean
+  predicted probability against its observed default rate (a calibrated model sits on the
+  diagonal). Both come from the summed held-out histograms, each row at its bin's centre.
+- **PSI** (population stability index) compares the training rows' score distribution with
+  the held-out rows' on the training deciles: below 0.1 stable, 0.1 to 0.25 a moderate
+  shift, above 0.25 a significant shift (an overfitted model, or populations that differ).
 - **Centralized** models pool raw data, which the platforms refuse to do: they only measure
   what federation costs. **Local-only** models are what a platform can do alone.
 """
@@ -77,6 +85,7 @@ def write_report(
     figures: dict[str, Figure | None] = {
         "roc.png": plots.roc_figure(histograms),
         "scores.png": plots.scores_figure(histograms),
+        "calibration.png": plots.calibration_figure(histograms),
         "training.png": plots.training_figure(
             training if isinstance(training, Mapping) else {},
             {k: v for k, v in refs.items() if v is not None},
@@ -111,6 +120,11 @@ def render_markdown(
         out += [f"![{alt}]({name})", ""] if name in pngs else []
     out += _section("Per platform", _per_platform_table(r))
     out += _section("By model family", _by_model_table(r))
+    out += _section(
+        "Calibration and stability",
+        _calibration_lines(r)
+        + ["", "![reliability by score decile](calibration.png)"] * ("calibration.png" in pngs),
+    )
     out += _section(
         "Training",
         _training_table(r)
@@ -305,6 +319,78 @@ def _by_model_table(r: Mapping[str, Any]) -> list[str]:
     return _table(head, rows) if rows else []
 
 
+def _calibration_lines(r: Mapping[str, Any]) -> list[str]:
+    """Brier, PSI and the reliability table of the headline model, then every model's."""
+    detail = _sub(r, "calibration_detail")
+    brier, psi = _val(r, "calibration", "brier"), _val(r, "calibration", "psi")
+    out: list[str] = []
+    if brier is not None or psi is not None:
+        ref, bound = _val(detail, "brier_reference"), _val(detail, "brier_error_bound")
+        name = plots.name_of(str(detail.get("model") or FCP))
+        out.append(
+            f"- **{name}: Brier score {_f4(brier)}**"
+            + (f" (predicting the default rate for everyone: {ref:.4f})" if ref is not None else "")
+            + (f"; from bin centres, within {bound:.1e} of the exact score" if bound else "")
+            + "."
+        )
+        out.append(
+            f"- **PSI, training vs held-out scores: {_f4(psi)}** ({psi_verdict(psi)})."
+            if psi is not None
+            else "- PSI: not measured (no training-score histograms)."
+        )
+        mean, rate = _val(detail, "mean_predicted"), _val(detail, "observed_rate")
+        if mean is not None and rate is not None:
+            out.append(
+                f"- Mean predicted default probability {mean:.2%} against an observed default "
+                f"rate of {rate:.2%} on the held-out rows."
+            )
+    else:
+        out.append("- Brier score and PSI: not reported by this run.")
+    rows = []
+    for row in detail.get("reliability") or []:
+        if not isinstance(row, Mapping):
+            continue
+        pred, obs = _val(row, "mean_predicted"), _val(row, "observed_rate")
+        ratio = f"{obs / pred:.2f}" if pred and obs is not None else "n/a"
+        rows.append(
+            [
+                str(row.get("decile", "")),
+                _n(row.get("count")),
+                _n(row.get("defaults")),
+                _pct(pred),
+                _pct(obs),
+                ratio,
+            ]
+        )
+    if rows:
+        out += [
+            "",
+            "Reliability by score decile (1 = lowest predicted default probability):",
+            "",
+            *_table(
+                ["decile", "n", "defaults", "mean predicted", "observed", "observed / predicted"],
+                rows,
+            ),
+        ]
+    by_model = []
+    for fam, entries in _sub(r, "calibration_by_model").items():
+        for key, cal in (entries if isinstance(entries, Mapping) else {}).items():
+            if not isinstance(cal, Mapping):
+                continue
+            p = _val(cal, "psi")
+            by_model.append(
+                [
+                    FAMILIES.get(fam, fam),
+                    plots.name_of(key),
+                    _f4(_val(cal, "brier")),
+                    _f4(p) + (f" ({psi_verdict(p)})" if p is not None else ""),
+                ]
+            )
+    if by_model:
+        out += ["", *_table(["model family", "model", "Brier", "PSI"], by_model, left=2)]
+    return out
+
+
 def _training_table(r: Mapping[str, Any]) -> list[str]:
     rows = []
     for key, rounds in _sub(r, "training").items():
@@ -468,6 +554,10 @@ def _gini(auc: float | None) -> float | None:
 
 def _f4(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2%}"
 
 
 def _pm(x: float | None) -> str:

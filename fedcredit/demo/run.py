@@ -33,7 +33,7 @@ from clients.ledger.store import LedgerError, open_ledger
 from clients.platform_data import PlatformData, load_platform_data
 from fedcredit.datagen.bayes import expected_auc
 from fedcredit.demo import baselines
-from protocols.metrics import ScoreHistogram
+from protocols.metrics import ScoreHistogram, calibration_summary
 from protocols.model import TrainConfig, parse_model_kinds
 from protocols.split import in_test_set
 from protocols.tokens import write_federation_key
@@ -189,6 +189,25 @@ def _metrics(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: entry[k] for k in ("auc", "ks", "n")} if entry else None
 
 
+def _calibration_by_model(
+    fed: dict[str, Any], kinds: list[str], central: dict[str, ScoreHistogram]
+) -> dict[str, dict[str, Any]]:
+    """Each model's calibration block, as the bureau computed it from summed histograms
+    (``federation.json``); the centralized yardstick's from its own held-out scores (it has
+    no training-row histogram, so no PSI)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        entry = {
+            key: cal
+            for key, feature_set in (("federated", "local"), ("federated_cross_platform", "cross"))
+            if (cal := (fed["models"][kind].get(feature_set) or {}).get("calibration"))
+        }
+        if kind in central:
+            entry["centralized"] = calibration_summary(central[kind])
+        out[kind] = entry
+    return out
+
+
 def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]:
     """The whole pipeline; returns the report dict and the files written."""
     from fedcredit.demo.report import write_report
@@ -260,6 +279,7 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
     cfg = TrainConfig(learning_rate=opts.learning_rate, batch_size=opts.batch_size, seed=opts.seed)
     by_model: dict[str, dict[str, Any]] = {}
     central_hist: ScoreHistogram | None = None
+    central_hists: dict[str, ScoreHistogram] = {}
     for i, kind in enumerate(kinds):
         step("baselines", i, len(kinds) + 1, f"centralized {kind}")
         entry: dict[str, Any] = {
@@ -277,6 +297,7 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
             )
         entry["centralized"] = central.metrics
         by_model[kind] = entry
+        central_hists[kind] = central.histogram
         if kind == primary:
             central_hist = central.histogram
     step("baselines", len(kinds), len(kinds) + 1, "local-only models")
@@ -322,6 +343,9 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
     }
     details = fed.get("platform_details", [])
     fed_m, cross_m = _metrics(models.get("local")), _metrics(models.get("cross"))
+    calibration_by_model = _calibration_by_model(fed, kinds, central_hists)
+    calibrated_key = "federated_cross_platform" if cross_m else "federated"
+    calibrated = calibration_by_model[primary].get(calibrated_key)
     report: dict[str, Any] = {
         "data": {
             "source": source,
@@ -349,9 +373,16 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
         }
         if fed_m and cross_m
         else None,
+        # Calibration and stability of the headline model (federated + cross-platform, or
+        # federated alone without the cross model), from the bureau's summed histograms.
+        "calibration": {"brier": calibrated["brier"], "psi": calibrated["psi"]}
+        if calibrated
+        else None,
+        "calibration_detail": {"model": calibrated_key, **calibrated} if calibrated else None,
         "local_only": local_only,
         "per_platform": per_platform,
         "by_model": by_model,
+        "calibration_by_model": calibration_by_model,
         "training": {
             "federated": models.get("local", {}).get("history", []),
             "federated_cross_platform": models.get("cross", {}).get("history", []),
