@@ -193,11 +193,15 @@ def cmd_ledger_rename(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     elif changed["previous"] == changed["platform"]:
-        out.print(f"{args.ledger}: platform is already {changed['platform']!r}; nothing changed")
+        out.print(
+            f"{args.ledger}: platform is already {changed['platform']!r}; nothing changed",
+            soft_wrap=True,  # a path never wraps mid-message
+        )
     else:
         out.print(
             f"{args.ledger}: ledger_meta.platform {changed['previous']!r} -> "
-            f"{changed['platform']!r}"
+            f"{changed['platform']!r}",
+            soft_wrap=True,
         )
     return 0
 
