@@ -14,7 +14,6 @@ answered is refused and the refusal logged; the bureau must issue a fresh id per
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import threading
@@ -22,10 +21,10 @@ import threading
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text, select
 
 from clients.ledger.store import open_ledger
+from protocols.audit_chain import GENESIS, chain_hash, query_log_entry, verify_chain
 
 log = logging.getLogger(__name__)
 
-GENESIS = "0" * 64
 _metadata = MetaData()
 query_log = Table(
     "query_log",
@@ -48,8 +47,7 @@ class ReplayedQuery(ValueError):
 
 
 def _entry_hash(prev_hash: str, entry: dict[str, object]) -> str:
-    body = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(prev_hash.encode() + body).hexdigest()
+    return chain_hash(prev_hash, entry)
 
 
 _open_logs: dict[str, QueryLog] = {}
@@ -108,21 +106,20 @@ class QueryLog:
         return digest
 
     def verify(self) -> int:
-        """Number of entries; raises ValueError at the first broken link."""
-        prev = GENESIS
-        count = 0
-        with self._ledger.engine.connect() as conn:
-            rows = conn.execute(select(query_log).order_by(query_log.c.seq)).mappings()
-            for row in rows:
-                entry = {
-                    k: row[k]
-                    for k in ("seq", "query_id", "kind", "outcome", "detail", "received_at")
-                }
-                if row["prev_hash"] != prev or _entry_hash(prev, entry) != row["entry_hash"]:
-                    raise ValueError(f"{self.location}: query log broken at entry {row['seq']}")
-                prev = row["entry_hash"]
-                count += 1
-        return count
+        """Number of entries; raises ValueError at the first bad entry.
+
+        The checks (``protocols.audit_chain``) are the ones ``fedcredit audit verify`` runs;
+        without an anchor they cannot see entries cut from the end.
+        """
+        entries = [query_log_entry(i + 1, row) for i, row in enumerate(self.entries())]
+        report = verify_chain(entries)
+        if report.first_bad is not None:
+            bad = report.first_bad
+            raise ValueError(
+                f"{self.location}: query log broken at entry {bad.seq or bad.position}: "
+                f"{bad.reason}"
+            )
+        return report.count
 
     def entries(self) -> list[dict[str, object]]:
         with self._ledger.engine.connect() as conn:

@@ -531,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedcredit import enrol_cli, keyholder_cli
 
     enrol_cli.register(sub)
+    __import__("fedcredit.audit_cli").audit_cli.register(sub)
     keyholder_cli.register(sub)
 
     demo = sub.add_parser(

@@ -79,6 +79,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocols import delivery
+from protocols.audit_chain import keyholder_entries, verify_chain
 from protocols.identity import PLATFORM_NAME_PATTERN
 from protocols.key_announcement import KeyAnnouncement
 from protocols.masking import MaskError, pairwise_secret
@@ -420,23 +421,17 @@ def _last_line(path: Path) -> str:
 
 
 def verify_audit_log(lines: Sequence[str] | Path) -> int:
-    """Check the hash chain; returns the number of lines, raises ``ValueError`` at a break."""
+    """Check the hash chain; returns the number of lines, raises ``ValueError`` at a break.
+
+    The checks are ``protocols.audit_chain``'s, shared with the platforms' query logs and
+    ``fedcredit audit verify`` (which also compares with a published head hash).
+    """
     if isinstance(lines, Path):
         lines = lines.read_text().splitlines()
-    prev = _GENESIS
-    for i, line in enumerate(lines):
-        try:
-            entry = json.loads(line)
-            digest = entry.pop("hash")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"audit line {i + 1}: unreadable") from None
-        if entry.get("prev") != prev:
-            raise ValueError(f"audit line {i + 1}: does not chain to the previous line")
-        body = json.dumps(entry, sort_keys=True, separators=(",", ":"))
-        if hashlib.sha256((prev + body).encode()).hexdigest() != digest:
-            raise ValueError(f"audit line {i + 1}: content does not match its hash")
-        prev = digest
-    return len(lines)
+    report = verify_chain(keyholder_entries(lines))
+    if report.first_bad is not None:
+        raise ValueError(f"audit {report.first_bad.message()}")
+    return report.count
 
 
 # ---------------------------------------------------------------------------------- the core
