@@ -527,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedcredit import enrol_cli, keyholder_cli
 
     enrol_cli.register(sub)
+    __import__("fedcredit.deploy_cli", fromlist=["register"]).register(sub)
     keyholder_cli.register(sub)
 
     demo = sub.add_parser(
