@@ -39,7 +39,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     init.add_argument("--seed", type=int, default=0, help="synthetic population seed")
     init.add_argument("--lenders", type=int, default=2, help="lender credentials to create")
-    init.add_argument("--key-bits", type=int, default=2048, help="Paillier modulus: 2048/3072")
+    init.add_argument(
+        "--key-bits", type=int, default=2048, choices=[2048, 3072], help="Paillier modulus"
+    )
     init.add_argument("--superlink-port", type=int, default=9092)
     init.add_argument("--keyholder-port", type=int, default=8470)
     init.add_argument(
