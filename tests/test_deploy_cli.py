@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from fedcredit.cli import main
 from fedcredit.deploy import DeployError, Manifest, init, load_manifest
 from fedcredit.deploy.policy import PlatformPolicy, load_policy
-from fedcredit.deploy.procs import QUIET_ENV, TAG_VARIABLE, pid_alive, tagged_pids
+from fedcredit.deploy.procs import QUIET_ENV, TAG_VARIABLE, pid_alive, stop_processes, tagged_pids
 from fedcredit.deploy.tls import verify_signed_by
 from protocols.identity import load_identity, load_roster
 from tests.conftest import REPO
@@ -269,12 +269,62 @@ def _fedcredit(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Comple
     )
 
 
+def _unregistered_node_is_refused(out: Path, manifest: Manifest, tmp_path: Path) -> None:
+    """A SuperNode with a valid TLS setup but an unregistered auth key must not join."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    rogue = tmp_path / "rogue.key"
+    rogue.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    rogue.chmod(0o600)
+    tag = f"rogue-{os.getpid()}-{time.monotonic_ns()}"
+    log_path = tmp_path / "rogue-supernode.log"
+    # Output to a file, not a pipe: the SuperNode's own children would hold a pipe open.
+    with log_path.open("wb") as log_file:
+        node = subprocess.Popen(
+            [
+                "flower-supernode",
+                "--root-certificates",
+                str(out / "ca/ca.pem"),
+                "--superlink",
+                manifest.superlink_address,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--auth-supernode-private-key",
+                str(rogue),
+                "--node-config",
+                'ledger="none"',
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env={**_env(), "FLWR_HOME": str(tmp_path / "rogue-home"), TAG_VARIABLE: tag},
+            start_new_session=True,
+        )
+    try:
+        returncode = node.wait(timeout=120)
+    finally:
+        assert not stop_processes([node.pid], tag, timeout=10)
+        node.wait(timeout=10)
+    output = log_path.read_text(errors="replace")
+    assert returncode != 0, output
+    assert "Failed to activate SuperNode" in output, output
+
+
 @pytest.mark.slow
 def test_up_run_query_down(tmp_path: Path) -> None:
     """``deploy up`` with 3 platforms, ``flwr run`` (query stage), ``flwr ls``, ``deploy down``.
 
     SuperNode authentication is on: the SuperLink runs with ``--enable-supernode-auth`` and
-    ``up`` registers every platform's key first, so the nodes being online proves it works.
+    ``up`` registers every platform's key first, so the nodes being online proves the keys
+    work, and a SuperNode with an unregistered key is refused.
     """
     out = tmp_path / "fed"
     init(
@@ -297,6 +347,8 @@ def test_up_run_query_down(tmp_path: Path) -> None:
         assert len(pids["processes"]) == 2 + PLATFORMS
         status = _fedcredit("deploy", "status", str(out), "--json", cwd=tmp_path)
         assert json.loads(status.stdout)["supernodes_online"] == PLATFORMS, status.stdout
+
+        _unregistered_node_is_refused(out, manifest, tmp_path)
 
         run_config = tmp_path / "query.toml"
         run_config.write_text(
