@@ -291,7 +291,10 @@ def up(out: Path, *, timeout: float = 120.0) -> Manifest:
         )
     except BaseException:
         log.error("deploy up failed; stopping what it started")
-        down(out)
+        if launcher.started:
+            survivors = down(out)
+            if survivors:
+                log.error("still running after the failed up: %s", survivors)
         raise
     return manifest
 
