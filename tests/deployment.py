@@ -36,8 +36,6 @@ Notes on flwr 1.41 (read from its source, not guessed):
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import ipaddress
 import json
 import logging
 import os
@@ -52,15 +50,19 @@ import sys
 import time
 import tomllib
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from fedcredit.deploy.procs import QUIET_ENV, TAG_VARIABLE, tail
+from fedcredit.deploy.procs import cmdline as _cmdline
+from fedcredit.deploy.procs import descendants as _descendants
+from fedcredit.deploy.procs import pid_alive as _pid_alive
+from fedcredit.deploy.procs import tagged_pids as _tagged_pids
+from fedcredit.deploy.tls import TlsFiles, make_tls_files
+
+__all__ = ["QUIET_ENV", "TAG_VARIABLE", "TlsFiles", "make_tls_files", "tail"]
 
 log = logging.getLogger(__name__)
 
@@ -69,140 +71,13 @@ ConfigValue = str | int | float | bool
 CONNECTION_NAME = "fedtest"
 """Name of the SuperLink connection written to ``$FLWR_HOME/config.toml``."""
 
-TAG_VARIABLE = "FEDCREDIT_DEPLOYMENT_TAG"
-"""Environment marker inherited by every process a deployment starts (found via /proc)."""
-
 RUN_SUCCESS_STATUS = "finished:completed"
 
-# Silence everything that would phone home or wait on the network (the CI box has no internet).
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "PYTHONUNBUFFERED": "1",
-    "NO_COLOR": "1",
-    "COLUMNS": "250",  # rich wraps at 80 columns without a TTY, which breaks log matching
-}
-
 _HANDED_OUT_PORTS: set[int] = set()
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # flwr colours its log levels even without a TTY
 
 
 class DeploymentError(AssertionError):
     """The deployment did not come up or a CLI call failed; the message carries log tails."""
-
-
-# --------------------------------------------------------------------------------------- TLS
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files of a throwaway CA and of a server certificate it signed."""
-
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-
-
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-
-
-def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
-    """Digital signatures for both; certificate and CRL signing only for the CA."""
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=signs_certificates,
-        crl_sign=signs_certificates,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def make_tls_files(directory: Path, hosts: Iterable[str] = ("127.0.0.1", "localhost")) -> TlsFiles:
-    """Create a CA and a server certificate valid for ``hosts`` (IPs and DNS names).
-
-    Why generate instead of shipping fixtures: certificates expire, and a private key committed
-    to the repo would be copied into real deployments sooner or later. EC P-256 keeps it fast.
-    The extensions (SKI/AKI, key usages, CA basic constraints) are what strict verifiers
-    (Python >= 3.13's VERIFY_X509_STRICT, grpc/BoringSSL) demand.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=2)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcredit test CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            _key_usage(signs_certificates=True),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    sans: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            _key_usage(signs_certificates=False),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    files = TlsFiles(
-        ca_cert=directory / "ca.pem",
-        server_cert=directory / "server.pem",
-        server_key=directory / "server.key",
-    )
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(server_key, files.server_key)
-    return files
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -242,87 +117,6 @@ def toml_value(value: ConfigValue) -> str:
 def config_string(config: Mapping[str, ConfigValue]) -> str:
     """``{"a": 1, "b": "x"}`` -> ``a=1 b="x"`` (the format of --run-config and --node-config)."""
     return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of a log file (or a note that it does not exist)."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as err:
-        return f"<cannot read {path}: {err}>"
-    return "\n".join(_ANSI.sub("", text).splitlines()[-lines:])
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie (zombies are dead, just not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
-            state = stat.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
-def _proc_pids() -> list[int]:
-    try:
-        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:
-        return []
-
-
-def _parent_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "?"
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip() or "?"
-
-
-def _tagged_pids(tag: str) -> set[int]:
-    """Every live process whose environment carries this deployment's marker."""
-    needle = f"{TAG_VARIABLE}={tag}".encode()
-    found: set[int] = set()
-    for pid in _proc_pids():
-        if pid == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and _pid_alive(pid):
-            found.add(pid)
-    return found
-
-
-def _descendants(roots: Iterable[int]) -> set[int]:
-    """Live descendants of ``roots`` (by parent pid), in case a child scrubbed its environment."""
-    children: dict[int, list[int]] = {}
-    for pid in _proc_pids():
-        parent = _parent_pid(pid)
-        if parent is not None:
-            children.setdefault(parent, []).append(pid)
-    found: set[int] = set()
-    stack = list(roots)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return {pid for pid in found if _pid_alive(pid)}
 
 
 def check_app_dir(app_dir: Path) -> None:
