@@ -9,11 +9,12 @@ multiplies the ciphertexts (adds the plaintexts) and asks the key holder, a sepa
 service, to decrypt the sums. It never holds a private key, and a single reply, or any sum
 over a strict subset of the participants, decrypts to uniform noise.
 
-Dropouts: the participant set is fixed per query. A platform that fails or does not answer
-within the query timeout is dropped and the whole query is run again, with fresh query ids
-(and so fresh masks), over the platforms still alive, as long as at least
-``min_participants`` remain. A total is therefore never a mix of two participant sets, and
-every answer names the platforms whose figures it includes.
+Dropouts: the participant set is fixed per query (the matching session's). A platform that
+fails or does not answer within the query timeout raises ``PlatformsFailed`` naming it; the
+caller (``server.federation.private_query``) drops it and starts again from a fresh
+matching session over the platforms still alive, as long as at least ``min-participants``
+remain. A total is therefore never a mix of two participant sets, two answers over different
+sets can never be lined up, and every answer names the platforms whose figures it includes.
 """
 
 from __future__ import annotations

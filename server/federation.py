@@ -89,7 +89,7 @@ def common_features(descs: dict[int, m.PlatformDescription]) -> list[str]:
     return [f for f in lists[0] if f in shared]
 
 
-def _deliver_totals(
+def deliver_totals(
     grid: Grid, match: MatchResult, answer: QueryAnswer, settings: FederationSettings
 ) -> None:
     """Each contributing platform receives the sealed totals of its own borrowers only.
@@ -271,7 +271,7 @@ def run_federation(
             if not limited:
                 # Every contributing platform gets the totals of its own borrowers.
                 t = time.perf_counter()
-                _deliver_totals(grid, match, answer, settings)
+                deliver_totals(grid, match, answer, settings)
                 seconds["deliver-totals"] = time.perf_counter() - t
                 summary["queries"]["delivered_to"] = list(answer.contributors)
             if "cross" in settings.stage_list and dropped:

@@ -39,7 +39,7 @@ from fedcredit.local_federation import start_local_federation
 from protocols.packing import debt_profile_layout
 from protocols.paillier import available_cpus, public_key_from_bytes
 from server.debt_query import run_debt_query
-from server.federation import _deliver_totals
+from server.federation import deliver_totals
 from server.keyholder_client import KeyHolderClient
 from server.matching import run_matching
 from server.settings import FederationSettings
@@ -142,7 +142,7 @@ def run(
                 answer = run_debt_query(grid, match, elements, keyholder, batch, 3600)
             t = time.perf_counter()
             settings = FederationSettings.model_validate({"query-timeout": 3600})
-            _deliver_totals(grid, match, answer, settings)
+            deliver_totals(grid, match, answer, settings)
             delivery_s = time.perf_counter() - t
             seconds = time.perf_counter() - start
             naive_after = _phe_seconds_per_value(
