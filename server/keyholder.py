@@ -102,6 +102,12 @@ DEFAULT_MIN_PARTICIPANTS = 3
 DEFAULT_MAX_COUNT = 100_000
 # A sum of more contributions than the slot layout's headroom may carry between slots.
 DEFAULT_MAX_PARTICIPANTS = DEBT_PROFILE_LAYOUT.max_contributors
+
+# The service's routes, named once for the service and its client.
+ROUTE_HEALTH = "/v1/health"
+ROUTE_KEY = "/v1/key"
+ROUTE_KEYS = "/v1/keys"
+ROUTE_DECRYPT = "/v1/decrypt"
 PLATFORM_NAME = PLATFORM_NAME_PATTERN  # the roster's rule for platform names
 _PLATFORM_RE = re.compile(PLATFORM_NAME)
 MAX_SEAL_ROWS = 10_000_000

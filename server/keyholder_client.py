@@ -44,6 +44,10 @@ from protocols.paillier import (
 from server.keyholder import (
     DEFAULT_MAX_COUNT,
     DEFAULT_MIN_PARTICIPANTS,
+    ROUTE_DECRYPT,
+    ROUTE_HEALTH,
+    ROUTE_KEY,
+    ROUTE_KEYS,
     AuditLog,
     KeyHolderCore,
     KeyHolderRefusal,
@@ -235,7 +239,7 @@ class KeyHolderClient(KeyHolderAPI):
         A verification failure (wrong signer, expired, inconsistent) raises
         ``KeyHolderUnavailable``: whatever answered is not our key holder, or not sane.
         """
-        ann = self._parse_announcement(self._call("GET", "/v1/key"))
+        ann = self._parse_announcement(self._call("GET", ROUTE_KEY))
         if self.verify_key is not None:
             try:
                 verify_announcement(
@@ -247,7 +251,7 @@ class KeyHolderClient(KeyHolderAPI):
 
     def announcements(self) -> list[KeyAnnouncement]:
         """Announcements of every key, retired ones included (those may be expired)."""
-        data = self._call("GET", "/v1/keys")
+        data = self._call("GET", ROUTE_KEYS)
         items = data.get("keys")
         if not isinstance(items, list):
             raise KeyHolderUnavailable("key holder sent a malformed key list")
@@ -255,7 +259,7 @@ class KeyHolderClient(KeyHolderAPI):
 
     def health(self) -> dict[str, Any]:
         try:
-            resp = self._http.get("/v1/health")
+            resp = self._http.get(ROUTE_HEALTH)
             return dict(resp.json())
         except (httpx.HTTPError, ValueError, TypeError) as exc:
             raise KeyHolderUnavailable(f"key holder {self._http.base_url}: {exc}") from None
@@ -272,7 +276,7 @@ class KeyHolderClient(KeyHolderAPI):
     ) -> list[int]:
         pk = self._public_key(key_id)
         body = _encode_request(pk, key_id, query_id, participants, sums)
-        data = self._call("POST", "/v1/decrypt", json=body)
+        data = self._call("POST", ROUTE_DECRYPT, json=body)
         try:
             if data.get("key_id") != key_id or data.get("query_id") != query_id:
                 raise ValueError("answer is for another key or query")
@@ -290,7 +294,7 @@ class KeyHolderClient(KeyHolderAPI):
     ) -> dict[str, bytes]:
         pk = self._public_key(key_id)
         body = _encode_request(pk, key_id, query_id, participants, sums, seal_rows=rows)
-        data = self._call("POST", "/v1/decrypt", json=body)
+        data = self._call("POST", ROUTE_DECRYPT, json=body)
         try:
             if data.get("key_id") != key_id or data.get("query_id") != query_id:
                 raise ValueError("answer is for another key or query")

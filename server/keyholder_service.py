@@ -47,7 +47,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocols.key_announcement import KeyAnnouncement
-from server.keyholder import DecryptRequest, DecryptResponse, KeyHolderCore, KeyHolderRefusal
+from server.keyholder import (
+    ROUTE_DECRYPT,
+    ROUTE_HEALTH,
+    ROUTE_KEY,
+    ROUTE_KEYS,
+    DecryptRequest,
+    DecryptResponse,
+    KeyHolderCore,
+    KeyHolderRefusal,
+)
 from server.keystore import atomic_write
 
 log = logging.getLogger(__name__)
@@ -124,21 +133,21 @@ def create_app(core: KeyHolderCore, token_sha256: str, *, max_inflight: int = 4)
 
     inflight = asyncio.Semaphore(max_inflight)
 
-    @app.get("/v1/health")
+    @app.get(ROUTE_HEALTH)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/key")
+    @app.get(ROUTE_KEY)
     async def key(caller: str = Depends(authenticate)) -> dict[str, Any]:
         return announcement_json(await run_in_threadpool(core.announcement))
 
-    @app.get("/v1/keys")
+    @app.get(ROUTE_KEYS)
     async def keys(caller: str = Depends(authenticate)) -> dict[str, Any]:
         anns = await run_in_threadpool(core.announcements)
         return {"keys": [announcement_json(a) for a in anns]}
 
     @app.post(
-        "/v1/decrypt",
+        ROUTE_DECRYPT,
         response_model=DecryptResponse,
         openapi_extra={
             "requestBody": {

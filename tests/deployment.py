@@ -36,7 +36,6 @@ Notes on flwr 1.41 (read from its source, not guessed):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -60,6 +59,7 @@ from fedcredit.deploy.procs import cmdline as _cmdline
 from fedcredit.deploy.procs import descendants as _descendants
 from fedcredit.deploy.procs import pid_alive as _pid_alive
 from fedcredit.deploy.procs import tagged_pids as _tagged_pids
+from fedcredit.deploy.runner import parse_flwr_json
 from fedcredit.deploy.tls import TlsFiles, make_tls_files
 
 __all__ = ["QUIET_ENV", "TAG_VARIABLE", "TlsFiles", "make_tls_files", "tail"]
@@ -456,13 +456,8 @@ class Deployment:
     def flwr_json(self, *args: str, timeout: float = 60.0) -> dict[str, object]:
         """Run a ``flwr ... --format json`` command and parse its JSON answer."""
         completed = self.flwr(*args, "--format", "json", timeout=timeout)
-        text = completed.stdout.strip()
-        start = text.find("{")
-        try:
-            data = json.loads(text[start:]) if start >= 0 else None
-        except json.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):
+        data = parse_flwr_json(completed)
+        if data is None:
             raise DeploymentError(
                 f"`flwr {' '.join(args)}` printed no JSON (exit {completed.returncode}):\n"
                 f"{completed.stdout}\n{completed.stderr}"

@@ -386,29 +386,9 @@ def _q(path: Path | str) -> str:
 def party_commands(out: Path, manifest: Manifest, *, rel: Path | None = None) -> dict[str, str]:
     """The shell command of every party, keyed by party (``rel``: how to write DIR)."""
     d = rel if rel is not None else out
-    bureau, kh = d / "bureau", d / "bureau" / "keyholder"
+    bureau = d / "bureau"
     commands: dict[str, str] = {
-        "keyholder": shlex.join(
-            [
-                "fedcredit",
-                "keyholder",
-                "serve",
-                "--keystore",
-                str(kh / "keystore.json"),
-                "--key-file",
-                str(kh / "keystore.key"),
-                "--listen",
-                f"{manifest.host}:{manifest.keyholder_port}",
-                "--roster",
-                str(bureau / "roster.json"),
-                "--tls-cert",
-                str(kh / "keyholder.pem"),
-                "--tls-key",
-                str(kh / "keyholder.key"),
-                "--min-participants",
-                str(manifest.min_participants),
-            ]
-        ),
+        "keyholder": shlex.join(keyholder_argv(d, manifest, program=["fedcredit"])),
         "superlink": f"FLWR_HOME={_q(bureau / 'superlink-home')} "
         + shlex.join(superlink_argv(d, manifest, binary="flower-superlink")),
     }
@@ -433,6 +413,33 @@ def party_commands(out: Path, manifest: Manifest, *, rel: Path | None = None) ->
     )
     commands["status"] = f"FLWR_HOME={_q(bureau / 'flwr-home')} flwr ls {CONNECTION} --format json"
     return commands
+
+
+def keyholder_argv(out: Path, manifest: Manifest, *, program: list[str]) -> list[str]:
+    """``fedcredit keyholder serve`` for this deployment (``program``: how to call fedcredit).
+
+    One definition for COMMANDS.md and for ``deploy up``, so the two never drift apart.
+    """
+    bureau, kh = out / "bureau", out / "bureau" / "keyholder"
+    return [
+        *program,
+        "keyholder",
+        "serve",
+        "--keystore",
+        str(kh / "keystore.json"),
+        "--key-file",
+        str(kh / "keystore.key"),
+        "--listen",
+        f"{manifest.host}:{manifest.keyholder_port}",
+        "--roster",
+        str(bureau / "roster.json"),
+        "--tls-cert",
+        str(kh / "keyholder.pem"),
+        "--tls-key",
+        str(kh / "keyholder.key"),
+        "--min-participants",
+        str(manifest.min_participants),
+    ]
 
 
 def superlink_argv(out: Path, manifest: Manifest, *, binary: str) -> list[str]:

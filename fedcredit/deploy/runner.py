@@ -31,6 +31,7 @@ from fedcredit.deploy.bundle import (
     LOOPBACK,
     DeployError,
     Manifest,
+    keyholder_argv,
     load_manifest,
     superlink_argv,
     supernode_argv,
@@ -102,18 +103,24 @@ def flwr_json(out: Path, *args: str, timeout: float = 60.0) -> dict[str, object]
         timeout=timeout,
         check=False,
     )
-    text = completed.stdout.strip()
-    start = text.find("{")
-    try:
-        data = json.loads(text[start:]) if start >= 0 else None
-    except json.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict):
+    data = parse_flwr_json(completed)
+    if data is None:
         raise DeployError(
             f"`flwr {' '.join(args)}` printed no JSON (exit {completed.returncode}):\n"
             f"{completed.stdout}\n{completed.stderr}"
         )
     return data
+
+
+def parse_flwr_json(completed: subprocess.CompletedProcess[str]) -> dict[str, object] | None:
+    """The JSON object a ``flwr ... --format json`` command printed (after any log lines)."""
+    text = completed.stdout.strip()
+    start = text.find("{")
+    try:
+        data = json.loads(text[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def online_nodes(out: Path) -> int:
@@ -230,32 +237,12 @@ def up(out: Path, *, timeout: float = 120.0) -> Manifest:
     if (out / PIDS).exists() and running(out):
         raise DeployError(f"{out} is already up (see {out / PIDS}); run `fedcredit deploy down`")
     launcher = _Launcher(out, uuid.uuid4().hex)
-    bureau, kh = out / "bureau", out / "bureau" / "keyholder"
+    bureau = out / "bureau"
     ca = out / "ca" / "ca.pem"
     try:
         launcher.spawn(
             "keyholder",
-            [
-                sys.executable,
-                "-m",
-                "fedcredit",
-                "keyholder",
-                "serve",
-                "--keystore",
-                str(kh / "keystore.json"),
-                "--key-file",
-                str(kh / "keystore.key"),
-                "--listen",
-                f"{manifest.host}:{manifest.keyholder_port}",
-                "--roster",
-                str(bureau / "roster.json"),
-                "--tls-cert",
-                str(kh / "keyholder.pem"),
-                "--tls-key",
-                str(kh / "keyholder.key"),
-                "--min-participants",
-                str(manifest.min_participants),
-            ],
+            keyholder_argv(out, manifest, program=[sys.executable, "-m", "fedcredit"]),
             bureau / "keyholder-home",
         )
         launcher.spawn(
