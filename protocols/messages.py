@@ -275,12 +275,11 @@ class MatchStart(Payload):
         return self
 
 
-class MatchElements(BinaryPayload):
-    """A list of blinded identifiers: a platform's own (start) or one it re-blinded."""
+class _ElementList(BinaryPayload):
+    """A session's list of blinded identifiers: ``count`` elements of 32 bytes."""
 
     BINARY_FIELDS = ("elements",)
     session_id: str = Field(pattern=QUERY_ID.pattern)
-    origin: PlatformName
     count: int = Field(ge=0)
     elements: bytes
 
@@ -288,6 +287,12 @@ class MatchElements(BinaryPayload):
     def _check(self) -> Self:
         _whole_elements(self.elements, self.count, MAX_ELEMENTS_PER_LIST)
         return self
+
+
+class MatchElements(_ElementList):
+    """A list of blinded identifiers: a platform's own (start) or one it re-blinded."""
+
+    origin: PlatformName
 
 
 class MatchBlind(MatchElements):
@@ -296,18 +301,8 @@ class MatchBlind(MatchElements):
     step: int = Field(ge=1, le=MAX_PARTICIPANTS)
 
 
-class MatchDone(BinaryPayload):
+class MatchDone(_ElementList):
     """A platform's own list, now blinded by every participant, in the order it sent it."""
-
-    BINARY_FIELDS = ("elements",)
-    session_id: str = Field(pattern=QUERY_ID.pattern)
-    count: int = Field(ge=0)
-    elements: bytes
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        _whole_elements(self.elements, self.count, MAX_ELEMENTS_PER_LIST)
-        return self
 
 
 class DebtProfileRequest(BinaryPayload):

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from fedcredit.deploy.procs import QUIET_ENV, TAG_VARIABLE, tail
+from fedcredit.deploy.procs import QUIET_ENV, TAG_VARIABLE, signal_group, tail
 from fedcredit.deploy.procs import cmdline as _cmdline
 from fedcredit.deploy.procs import descendants as _descendants
 from fedcredit.deploy.procs import pid_alive as _pid_alive
@@ -585,15 +585,7 @@ class Deployment:
         return ours | _descendants(p.pid for p in self.processes) | _tagged_pids(self.tag)
 
     def _signal_group(self, pid: int, sig: signal.Signals) -> None:
-        """Signal ``pid``'s process group (never our own group), then ``pid`` itself."""
-        try:
-            pgid = os.getpgid(pid)
-            if pgid != os.getpgrp():
-                os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+        signal_group(pid, sig)
 
     def _reap(self) -> None:
         for process in self.processes:

@@ -360,56 +360,22 @@ def test_rotation_announces_a_new_key_and_the_old_one_decrypts_in_grace(tmp_path
 
 
 def test_service_over_tls(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    from fedcredit.deploy.tls import make_tls_files
+
+    tls = make_tls_files(tmp_path / "tls")  # a throwaway CA and a 127.0.0.1 certificate
     ks, info = _init(tmp_path)
-    with _start(ks, "--tls-cert", str(cert), "--tls-key", str(key)) as running:
+    with _start(
+        ks, "--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)
+    ) as running:
         assert running.url.startswith("https://")
         with running.client(
-            ca_file=cert,
+            ca_file=tls.ca_cert,
             verify_key=bytes.fromhex(info["verify_key"]),
             allow_insecure_test_size=True,
         ) as client:
             assert client.announcement().key_id == info["active_key_id"]
         with pytest.raises(httpx.ConnectError):  # an untrusted CA is refused by the client
             httpx.get(running.url + "/v1/health", timeout=10)
-
-
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcredit test key holder")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "kh.crt", tmp / "kh.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 # ---------------------------------------------------------------------------- the keystore
