@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -43,6 +44,9 @@ from protocols.masking import MaskContext, MaskError, add_masks, pairwise_secret
 from protocols.packing import debt_profile_layout
 from protocols.paillier import ciphertexts_to_bytes, encrypt_plaintexts
 from protocols.scaling import FeatureSums, Scaler
+
+if TYPE_CHECKING:
+    from protocols.dp import DPSGD
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +155,41 @@ def _train(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         batch_size=req.batch_size,
         seed=req.seed * 100_003 + req.server_round,
     )
-    loss = train_local(model, X, y, cfg)  # type: ignore[arg-type]
+    dp = _dp_round(req, len(y))
+    loss = train_local(model, X, y, cfg, dp)  # type: ignore[arg-type]
+    metrics = {"num-examples": len(y), "train-loss": float(loss), **(dp.metrics() if dp else {})}
     return RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),  # type: ignore[attr-defined]
-            "metrics": MetricRecord({"num-examples": len(y), "train-loss": float(loss)}),
+            "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
         }
     )
+
+
+def _dp_round(req: m.ModelInstructions, rows: int) -> DPSGD | None:
+    """DP-SGD for this round when the bureau asked for it: the noise is fixed by the whole
+    schedule and this platform's row count, and the accountant starts from the earlier
+    rounds' steps (each round runs in a fresh process)."""
+    if req.dp_epsilon <= 0:
+        return None
+    from protocols.dp import DPSGD, plan
+
+    if req.server_round > req.total_rounds:
+        raise m.ProtocolError(
+            f"train: round {req.server_round} of {req.total_rounds} would spend more than "
+            f"the announced privacy budget (epsilon {req.dp_epsilon})"
+        )
+    budget = plan(
+        req.dp_epsilon,
+        req.dp_delta,
+        req.dp_clip_norm,
+        rows,
+        req.batch_size,
+        req.epochs,
+        req.total_rounds,
+    )
+    done = max(req.server_round - 1, 0) * budget.steps_per_round
+    return DPSGD(budget, steps_before=done)
 
 
 def _evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:

@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from protocols.dp import DPSGD
 
 MODEL_KINDS = ("lr", "mlp")
 
@@ -85,8 +90,13 @@ def scheduled_lr(base: float, schedule: str, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_local(model: nn.Module, X: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> float:
+def train_local(
+    model: nn.Module, X: np.ndarray, y: np.ndarray, cfg: TrainConfig, dp: DPSGD | None = None
+) -> float:
     """Train in place on standardised rows; returns the mean training log-loss of the pass.
+
+    With ``dp`` the same loop runs as DP-SGD (``protocols.dp``): Opacus clips each row's
+    gradient, adds noise and draws Poisson-sampled batches from its own secret generator.
 
     SGD with momentum, its state created afresh each call: in FedAvg the optimiser state of
     one round would otherwise drift away from the averaged weights it is applied to. Measured
@@ -108,18 +118,29 @@ def train_local(model: nn.Module, X: np.ndarray, y: np.ndarray, cfg: TrainConfig
     )
     loss_fn = nn.BCEWithLogitsLoss()
     model.train()
-    total, seen = 0.0, 0
-    for _ in range(cfg.epochs):
+
+    def shuffled() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
+            yield X_t[idx], y_t[idx]
+
+    net, batches = model, shuffled
+    if dp is not None:
+        net, optimiser, batches = dp.make_private(model, optimiser, X_t, y_t, cfg.batch_size)
+    total, seen = 0.0, 0
+    for _ in range(cfg.epochs):
+        for xb, yb in batches():
             optimiser.zero_grad()
-            loss = loss_fn(model(X_t[idx]), y_t[idx])
+            loss = loss_fn(net(xb), yb)
             loss.backward()
             optimiser.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-    return total / seen
+            if len(xb):
+                total += float(loss.detach()) * len(xb)
+                seen += len(xb)
+    if dp is not None:
+        dp.close(net)
+    return total / max(seen, 1)
 
 
 def predict_proba(model: nn.Module, X: np.ndarray) -> np.ndarray:

@@ -80,6 +80,7 @@ def save_model(
         ],
         "held_out": metrics,
         "history": trained.history,
+        "privacy": trained.privacy,
         "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "flwr_version": flwr.__version__,
         "torch_version": torch.__version__,

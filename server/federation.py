@@ -175,6 +175,7 @@ def _model_summary(
         "calibration": trained.calibration(),
         "per_platform": {names[n]: h.summary() for n, h in trained.per_node.items()},
         "history": trained.history,
+        "privacy": trained.privacy,
         "files": files,
     }
 

@@ -26,6 +26,7 @@ from protocols.metrics import BINS, ScoreHistogram, calibration_summary, psi
 from protocols.model import build_model
 from protocols.scaling import FeatureSums, Scaler, combine
 from server import progress
+from server.dp_record import aggregate_train_metrics, dp_metadata
 from server.settings import FederationSettings
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class TrainedModel:
     per_node: dict[int, ScoreHistogram] = field(default_factory=dict)
     # The training rows' score histograms, from the same final evaluation as ``per_node``.
     train_per_node: dict[int, ScoreHistogram] = field(default_factory=dict)
+    # DP-SGD budget and accounting (server/dp_record.py); mechanism "none" without DP.
+    privacy: dict[str, Any] = field(default_factory=lambda: {"mechanism": "none"})
 
     @property
     def histogram(self) -> ScoreHistogram:
@@ -185,6 +188,9 @@ def instructions(
         seed=settings.seed,
         total_rounds=settings.num_rounds,
         lr_schedule=settings.lr_schedule,  # type: ignore[arg-type]
+        dp_epsilon=settings.dp_epsilon,
+        dp_delta=settings.dp_delta,
+        dp_clip_norm=settings.dp_clip_norm,
     )
 
 
@@ -211,6 +217,7 @@ def train_federated(
         min_available_nodes=len(nodes),
         configrecord_key=m.PAYLOAD_KEY,
         evaluate_metrics_aggr_fn=sum_histograms,
+        train_metrics_aggr_fn=aggregate_train_metrics,
     )
     history: list[dict[str, float]] = []
 
@@ -248,6 +255,13 @@ def train_federated(
         arrays=result.arrays,
         rounds=settings.num_rounds,
         history=history,
+        privacy=dp_metadata(
+            settings.dp_epsilon,
+            settings.dp_delta,
+            settings.dp_clip_norm,
+            result.train_metrics_clientapp.get(settings.num_rounds),
+            len(nodes),
+        ),
     )
     trained.per_node, trained.train_per_node = evaluate_per_node(grid, nodes, trained, settings)
     return trained

@@ -9,6 +9,7 @@ scaling rule, split and number of passes over the data as the federated models.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,17 +28,14 @@ class Fit:
     histogram: ScoreHistogram
     scores: np.ndarray
     labels: np.ndarray
+    # Raw (unscaled) rows -> default probabilities: what a membership attack queries.
+    predict: Callable[[np.ndarray], np.ndarray] | None = None
 
 
-def fit_and_score(
-    kind: str,
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
-    passes: int,
-    cfg: TrainConfig,
-) -> Fit:
+def train_pooled(
+    kind: str, X_train: np.ndarray, y_train: np.ndarray, passes: int, cfg: TrainConfig
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A model trained on rows held in one place; returns raw rows -> probabilities."""
     scaler = combine([FeatureSums.of(X_train)])
     model = build_model(kind, X_train.shape[1], seed=cfg.seed)
     Xs = scaler.transform(X_train)
@@ -49,8 +47,23 @@ def fit_and_score(
             y_train,
             TrainConfig(**{**cfg.__dict__, "seed": cfg.seed + p, "learning_rate": lr}),
         )
-    scores = predict_proba(model, scaler.transform(X_test))
-    return Fit(exact_auc_ks(y_test, scores), ScoreHistogram.of(scores, y_test), scores, y_test)
+    return lambda X: predict_proba(model, scaler.transform(X))
+
+
+def fit_and_score(
+    kind: str,
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    passes: int,
+    cfg: TrainConfig,
+) -> Fit:
+    predict = train_pooled(kind, X_train, y_train, passes, cfg)
+    scores = predict(X_test)
+    return Fit(
+        exact_auc_ks(y_test, scores), ScoreHistogram.of(scores, y_test), scores, y_test, predict
+    )
 
 
 def pooled_totals(platforms: list[PlatformData]) -> dict[str, np.ndarray]:
@@ -75,16 +88,11 @@ def _split(
     return X[tr], y[tr], X[te], y[te]
 
 
-def centralized(
-    platforms: list[PlatformData],
-    kind: str,
-    features: list[str],
-    cross: bool,
-    test_share: float,
-    passes: int,
-    cfg: TrainConfig,
-) -> Fit:
-    """One model on every platform's rows pooled; ``cross`` adds totals joined by token."""
+def pooled_rows(
+    platforms: list[PlatformData], features: list[str], cross: bool, test_share: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(X_train, y_train, X_test, y_test) of every platform's rows pooled; ``cross`` adds the
+    cross-platform totals joined by token (``features`` are then the local ones)."""
     totals = pooled_totals(platforms) if cross else {}
     parts = []
     for data in platforms:
@@ -95,6 +103,20 @@ def centralized(
         X = feats.X[:, [feats.names.index(n) for n in names]]
         parts.append(_split(data, X, test_share))
     X_tr, y_tr, X_te, y_te = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    return X_tr, y_tr, X_te, y_te
+
+
+def centralized(
+    platforms: list[PlatformData],
+    kind: str,
+    features: list[str],
+    cross: bool,
+    test_share: float,
+    passes: int,
+    cfg: TrainConfig,
+) -> Fit:
+    """One model on every platform's rows pooled; ``cross`` adds totals joined by token."""
+    X_tr, y_tr, X_te, y_te = pooled_rows(platforms, features, cross, test_share)
     return fit_and_score(kind, X_tr, y_tr, X_te, y_te, passes, cfg)
 
 

@@ -26,12 +26,12 @@ from typing import IO, Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from fedcredit.demo import plots
+from fedcredit.demo import plots, privacy_report
 from protocols.metrics import ScoreHistogram, psi_verdict
 
 log = logging.getLogger(__name__)
 
-PNGS = ("roc.png", "scores.png", "calibration.png", "training.png")
+PNGS = ("roc.png", "scores.png", "calibration.png", "training.png", "privacy.png")
 FCP, FED = "federated_cross_platform", "federated"
 MODELS = (  # report key, what the model sees
     ("centralized", "all platforms' raw records pooled: a yardstick, never allowed"),
@@ -90,6 +90,7 @@ def write_report(
             training if isinstance(training, Mapping) else {},
             {k: v for k, v in refs.items() if v is not None},
         ),
+        "privacy.png": privacy_report.privacy_figure(report),
     }
     pngs = []
     for name, fig in figures.items():
@@ -130,6 +131,12 @@ def render_markdown(
         _training_table(r)
         + ["", "![held-out AUC per round](training.png)"] * ("training.png" in pngs),
     )
+    if any(k in r for k in ("dp", "membership_inference", "secure_aggregation")):
+        out += _section(
+            "Privacy: secure aggregation, differential privacy, membership inference",
+            privacy_report.privacy_lines(r)
+            + ["", "![AUC and attack AUC against epsilon](privacy.png)"] * ("privacy.png" in pngs),
+        )
     out += _section("Encrypted debt queries", _queries_table(r))
     out += _section("Stage timings", _timings_table(r))
     gone = r.get("unavailable") if isinstance(r.get("unavailable"), Mapping) else {}

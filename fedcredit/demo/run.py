@@ -65,6 +65,20 @@ class DemoOptions(BaseModel):
     query_batch: int = Field(default=3000, ge=1)
     learning_rate: float = 0.05
     batch_size: int = 256
+    # DP-SGD federations of the primary model (train only), one per epsilon; [] for none.
+    # The report's ``dp`` is the one at epsilon 1 (or the smallest).
+    dp_epsilons: list[float] = Field(default_factory=lambda: [0.5, 1.0, 4.0], max_length=8)
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    dp_clip_norm: float = Field(default=1.0, gt=0)
+    dp_batch_size: int = Field(default=512, ge=1)
+    dp_learning_rate: float = Field(default=0.1, gt=0, le=1)
+
+    @field_validator("dp_epsilons")
+    @classmethod
+    def _epsilons(cls, value: list[float]) -> list[float]:
+        if any(not e > 0 for e in value) or len(set(value)) != len(value):
+            raise ValueError("dp_epsilons must be distinct positive numbers")
+        return sorted(value)
 
     @field_validator("model")
     @classmethod
@@ -118,12 +132,27 @@ def _run_simulation(
         "learning-rate": opts.learning_rate,
         "batch-size": opts.batch_size,
     }
+    if opts.dp_epsilons:
+        from fedcredit.demo import privacy
+
+        sweep = privacy.sweep_overrides(
+            opts.model.split(",")[0],
+            opts.dp_epsilons,
+            fed_out,
+            opts.dp_delta,
+            opts.dp_clip_norm,
+            opts.dp_batch_size,
+            opts.dp_learning_rate,
+        )
+        server_app = privacy.server_app(overrides, sweep)
+    else:
+        server_app = build_server_app(overrides)
     cpus = os.cpu_count() or 1
     summary_path = fed_out / "federation.json"
     summary_path.unlink(missing_ok=True)
     try:
         run_simulation(
-            server_app=build_server_app(overrides),
+            server_app=server_app,
             client_app=build_client_app(
                 ledgers, local.enrolment.identities, local.enrolment.roster, mods
             ),
@@ -208,6 +237,69 @@ def _calibration_by_model(
     return out
 
 
+def _privacy(
+    opts: DemoOptions,
+    fed: dict[str, Any],
+    fed_out: Path,
+    platforms: list[PlatformData],
+    central_predict: Any,
+    cfg: TrainConfig,
+    step: Step,
+) -> dict[str, Any]:
+    """The DP federations' results and the membership attacks against every model."""
+    from fedcredit.demo import privacy
+
+    primary = opts.model.split(",")[0]
+    step("privacy", 0, 0, "membership-inference attacks")
+    sweep = privacy.read_sweep(fed_out, primary, opts.dp_epsilons)
+    attacks = privacy.attack_models(
+        platforms,
+        primary,
+        fed["features"]["local"],
+        "cross" in fed["features"],
+        fed_out,
+        central_predict,
+        opts.dp_epsilons,
+        opts.test_share,
+        opts.rounds,
+        cfg,
+        opts.seed,
+    )
+    for entry in sweep:
+        attack = attacks[f"federated_dp_epsilon_{entry['epsilon']:g}"]
+        entry.update(attack_auc=attack["attack_auc"], tpr_at_1pct_fpr=attack["tpr_at_1pct_fpr"])
+        entry["batch_size"], entry["learning_rate"] = opts.dp_batch_size, opts.dp_learning_rate
+    headline = next((s for s in sweep if s["epsilon"] == 1.0), sweep[0] if sweep else None)
+    settings = fed.get("settings") or {}
+    return {
+        "dp": headline,
+        "dp_sweep": sweep,
+        "membership_inference": attacks,
+        # Engineer A's secure aggregation adds this run-config key; absent means off.
+        "secure_aggregation": bool(settings.get("secure-aggregation", False)),
+    }
+
+
+def _with_model_aucs(
+    privacy: dict[str, Any],
+    by_model: dict[str, Any],
+    fed_m: dict[str, Any] | None,
+    cross_m: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The attack results with each attacked model's own held-out AUC beside them."""
+    aucs = {
+        "centralized": (by_model.get("centralized") or {}).get("auc"),
+        "federated": (fed_m or {}).get("auc"),
+        "federated_cross_platform": (cross_m or {}).get("auc"),
+        **{f"federated_dp_epsilon_{s['epsilon']:g}": s["auc"] for s in privacy["dp_sweep"]},
+    }
+    attacks = {
+        name: {"model_auc": aucs.get(name), **result}
+        for name, result in privacy["membership_inference"].items()
+    }
+    return {**privacy, "membership_inference": attacks}
+
+
 def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]:
     """The whole pipeline; returns the report dict and the files written."""
     from fedcredit.demo.report import write_report
@@ -279,6 +371,7 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
     cfg = TrainConfig(learning_rate=opts.learning_rate, batch_size=opts.batch_size, seed=opts.seed)
     by_model: dict[str, dict[str, Any]] = {}
     central_hist: ScoreHistogram | None = None
+    central_predict = None
     central_hists: dict[str, ScoreHistogram] = {}
     for i, kind in enumerate(kinds):
         step("baselines", i, len(kinds) + 1, f"centralized {kind}")
@@ -300,6 +393,7 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
         central_hists[kind] = central.histogram
         if kind == primary:
             central_hist = central.histogram
+            central_predict = central.predict
     step("baselines", len(kinds), len(kinds) + 1, "local-only models")
     local_only: dict[str, Any] = {}
     histograms: dict[str, ScoreHistogram] = {}
@@ -308,6 +402,10 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
         local_only[data.platform] = fit.metrics
         histograms[f"local_only:{data.platform}"] = fit.histogram
     seconds["baselines"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    privacy_report = _privacy(opts, fed, fed_out, platforms, central_predict, cfg, step)
+    seconds["privacy"] = time.perf_counter() - t
 
     t = time.perf_counter()
     queries: dict[str, Any] = dict(fed.get("queries") or {})
@@ -379,6 +477,7 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
         if calibrated
         else None,
         "calibration_detail": {"model": calibrated_key, **calibrated} if calibrated else None,
+        **_with_model_aucs(privacy_report, by_model[primary], fed_m, cross_m),
         "local_only": local_only,
         "per_platform": per_platform,
         "by_model": by_model,

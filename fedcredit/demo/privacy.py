@@ -1,0 +1,160 @@
+"""The demo's privacy comparison: DP-SGD federations at a few epsilons, and the attacks.
+
+``server_app`` is the demo's ServerApp: the bureau's whole run (``run_federation``) and then,
+on the same simulated platforms, one train-only federation of the primary model per epsilon
+of the sweep with DP-SGD on (``dp-epsilon``), each into its own directory. One simulation
+engine start serves them all.
+
+``attack_models`` then runs both membership-inference attacks (``fedcredit.privacy``)
+against every model the demo trained: the centralized yardstick, the federated models with
+and without cross-platform totals, and the DP federated models. Members are the training rows
+of the platforms, non-members their held-out borrowers; the demo holds every ledger (it builds
+the pooled yardstick too), so it can play the attacker with the model's scores for any row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from clients.platform_data import PlatformData
+from fedcredit.demo import baselines
+from fedcredit.privacy.membership import Fit, Predict, membership_inference
+from protocols.model import TrainConfig, build_model, predict_proba
+from protocols.scaling import Scaler
+
+log = logging.getLogger(__name__)
+
+DP_DIR = "dp"
+
+
+def dp_dir(fed_out: Path, epsilon: float) -> Path:
+    return fed_out / DP_DIR / f"epsilon-{epsilon:g}"
+
+
+def sweep_overrides(
+    primary: str,
+    epsilons: Sequence[float],
+    fed_out: Path,
+    delta: float,
+    clip_norm: float,
+    batch_size: int,
+    learning_rate: float,
+) -> list[dict[str, object]]:
+    """Run-config overrides of each DP federation: train only, the primary model only.
+
+    DP-SGD gets its own batch size and learning rate: its noise is added once per batch, so
+    larger batches (and a step size to match) carry more signal per unit of noise.
+    """
+    return [
+        {
+            "stages": "train",
+            "model": primary,
+            "dp-epsilon": float(e),
+            "dp-delta": delta,
+            "dp-clip-norm": clip_norm,
+            "batch-size": batch_size,
+            "learning-rate": learning_rate,
+            "out-dir": str(dp_dir(fed_out, e)),
+        }
+        for e in epsilons
+    ]
+
+
+def server_app(overrides: Mapping[str, object], sweep: Sequence[Mapping[str, object]]) -> ServerApp:
+    """The bureau's run, then each DP federation of the sweep, on the same grid."""
+    from server.federation import run_federation
+    from server.settings import FederationSettings
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        base = {**dict(context.run_config), **dict(overrides)}
+        run_federation(grid, FederationSettings.from_run_config(base))
+        for extra in sweep:
+            run_federation(grid, FederationSettings.from_run_config({**base, **extra}))
+
+    return app
+
+
+def read_sweep(fed_out: Path, primary: str, epsilons: Sequence[float]) -> list[dict[str, Any]]:
+    """Each DP federation's held-out metrics and privacy record, by epsilon."""
+    out = []
+    for e in epsilons:
+        summary = json.loads((dp_dir(fed_out, e) / "federation.json").read_text())
+        if summary.get("status") != "ok":
+            raise RuntimeError(f"the DP federation at epsilon {e:g} failed: {summary.get('error')}")
+        entry = summary["models"][primary]["local"]
+        out.append({"auc": entry["auc"], "ks": entry["ks"], "n": entry["n"], **entry["privacy"]})
+    return out
+
+
+def _saved_model(directory: Path, kind: str, feature_set: str) -> Predict:
+    """A model the federation saved, as the function from raw rows to probabilities."""
+    meta = json.loads((directory / f"model-{kind}-{feature_set}.json").read_text())
+    model = build_model(kind, len(meta["features"]))
+    model.load_state_dict(torch.load(directory / meta["weights_file"], weights_only=True))
+    scaler = Scaler(np.asarray(meta["scaler"]["mean"]), np.asarray(meta["scaler"]["std"]))
+    return lambda X: predict_proba(model, scaler.transform(X))
+
+
+def _shadow_fit(kind: str, passes: int, cfg: TrainConfig) -> Fit:
+    """The attacker trains its shadow the way the target was trained (same model, passes and
+    step size, pooled). Cached by the rows: every target of a feature set gets the same
+    attacker data, so the same shadow."""
+    cache: dict[str, Predict] = {}
+
+    def fit(X: np.ndarray, y: np.ndarray) -> Predict:
+        key = hashlib.sha256(np.ascontiguousarray(X).tobytes() + y.tobytes()).hexdigest()
+        if key not in cache:
+            trained = baselines.train_pooled(kind, X, y, passes, cfg)
+            cache[key] = trained
+        return cache[key]
+
+    return fit
+
+
+def attack_models(
+    platforms: list[PlatformData],
+    kind: str,
+    features: list[str],
+    has_cross: bool,
+    fed_out: Path,
+    centralized: Predict | None,
+    sweep_epsilons: Sequence[float],
+    test_share: float,
+    passes: int,
+    cfg: TrainConfig,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """Model name -> both attacks' results (the stronger one as the headline)."""
+    fit = _shadow_fit(kind, passes, cfg)
+    rows = {
+        fs: baselines.pooled_rows(platforms, features, fs == "cross", test_share)
+        for fs in ("local", "cross")[: 1 + has_cross]
+    }
+    targets: list[tuple[str, str, Predict]] = []
+    if centralized is not None:
+        targets.append(("centralized", "cross" if "cross" in rows else "local", centralized))
+    targets.append(("federated", "local", _saved_model(fed_out, kind, "local")))
+    if "cross" in rows:
+        targets.append(("federated_cross_platform", "cross", _saved_model(fed_out, kind, "cross")))
+    for e in sweep_epsilons:
+        dp_model = _saved_model(dp_dir(fed_out, e), kind, "local")
+        targets.append((f"federated_dp_epsilon_{e:g}", "local", dp_model))
+    out: dict[str, dict[str, Any]] = {}
+    for name, feature_set, predict in targets:
+        X_tr, y_tr, X_te, y_te = rows[feature_set]
+        out[name] = membership_inference(predict, (X_tr, y_tr), (X_te, y_te), fit, seed=seed)
+        log.info("membership inference against %s: %s", name, out[name]["attack_auc"])
+    return out

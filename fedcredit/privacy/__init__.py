@@ -1,0 +1,1 @@
+"""Measured privacy: membership-inference attacks against trained credit models."""
