@@ -20,6 +20,37 @@ from protocols.metrics import ScoreHistogram, calibration_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLATFORMS = ["platform-01", "platform-02", "platform-03"]
+_PRIVACY = {
+    "mechanism": "DP-SGD (Opacus): per-sample clipping, Gaussian noise, Poisson sampling",
+    "delta": 1e-5,
+    "clipping_norm": 1.0,
+    "accountant": "opacus RDP",
+    "n": 4000,
+}
+DP_SWEEP = [
+    {
+        **_PRIVACY,
+        "epsilon": e,
+        "auc": auc,
+        "ks": 0.2,
+        "epsilon_spent": e - 0.003,
+        "noise_multiplier": {"min": 4 / e, "max": 5 / e},
+        "attack_auc": 0.5012,
+        "tpr_at_1pct_fpr": 0.0101,
+    }
+    for e, auc in ((0.5, 0.6301), (1.0, 0.6444), (4.0, 0.6555))
+]
+_ATTACK = {"strongest": "shadow_model", "loss_threshold": {"attack_auc": 0.5007}}
+MEMBERSHIP = {
+    "centralized": {"model_auc": 0.71, "attack_auc": 0.5123, "tpr_at_1pct_fpr": 0.0131, **_ATTACK},
+    "federated": {"model_auc": 0.66, "attack_auc": 0.5034, "tpr_at_1pct_fpr": 0.0102, **_ATTACK},
+    "federated_dp_epsilon_1": {
+        "model_auc": 0.6444,
+        "attack_auc": 0.4987,
+        "tpr_at_1pct_fpr": 0.0099,
+        **_ATTACK,
+    },
+}
 
 
 def _histogram(rng: np.random.Generator, separation: float, n: int = 4000) -> ScoreHistogram:
@@ -78,6 +109,10 @@ def full_report(histograms: dict[str, ScoreHistogram]) -> dict:
         "lift": {"auc": round(fcp["auc"] - fed["auc"], 4), "gini": 0.1},
         "calibration": {"brier": fcp_cal["brier"], "psi": fcp_cal["psi"]},
         "calibration_detail": {"model": "federated_cross_platform", **fcp_cal},
+        "dp": DP_SWEEP[1],
+        "dp_sweep": DP_SWEEP,
+        "membership_inference": MEMBERSHIP,
+        "secure_aggregation": False,
         "local_only": local,
         "per_platform": {
             p: {
@@ -144,11 +179,12 @@ def test_full_report_writes_every_file(tmp_path: Path, full_report, histograms) 
         "scores.png",
         "calibration.png",
         "training.png",
+        "privacy.png",
         "report.md",
     ]
     for path in written:
         assert path.parent == tmp_path and path.stat().st_size > 0
-    for name in ("roc.png", "scores.png", "calibration.png", "training.png"):
+    for name in ("roc.png", "scores.png", "calibration.png", "training.png", "privacy.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".*partial")), "temporary files left behind"
 
@@ -274,3 +310,22 @@ def test_numpy_values_become_plain_json(tmp_path: Path) -> None:
     back = json.loads((tmp_path / "report.json").read_text())
     assert back == {"federated": {"auc": 0.71, "ks": None, "n": 9}}
     assert not math.isnan(back["federated"]["auc"])
+
+
+def test_privacy_keys_and_section(tmp_path: Path, full_report, histograms) -> None:
+    """The issue's report contract: dp, membership_inference, calibration, secure_aggregation."""
+    write_report(full_report, histograms, tmp_path)
+    back = json.loads((tmp_path / "report.json").read_text())
+    assert {"epsilon", "delta", "auc", "ks"} <= set(back["dp"])
+    assert back["dp"]["epsilon"] == 1.0 and back["dp"]["delta"] == 1e-5
+    for result in back["membership_inference"].values():
+        assert {"attack_auc", "tpr_at_1pct_fpr"} <= set(result)
+    assert set(back["calibration"]) == {"brier", "psi"}
+    assert back["secure_aggregation"] is False
+    md = (tmp_path / "report.md").read_text()
+    section = md.split("## Privacy")[1].split("\n## ")[0]
+    assert "Secure aggregation of training sums**: off" in section
+    assert "epsilon 1, delta 1e-05**: AUC 0.6444" in section
+    assert "| 0.5 | 0.6301 |" in section and "| 4 | 0.6555 |" in section
+    assert "| federated_dp_epsilon_1 | 0.6444 | 0.4987 | 0.99% |" in section
+    assert "](privacy.png)" in section
