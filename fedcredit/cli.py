@@ -248,6 +248,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ledgers=ledgers,
             model=args.model,
             key_bits=args.key_bits,
+            dp_epsilons=_floats(args.dp_epsilons, "--dp-epsilons"),
         )
     except ValidationError as exc:
         raise UsageError(_pydantic_message(exc)) from None
@@ -263,6 +264,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     _print_demo(report, written)
     return 0
+
+
+def _floats(value: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: a comma list of numbers, got {value!r}") from None
 
 
 def _print_demo(report: dict, written: list[Path]) -> None:
@@ -294,6 +302,14 @@ def _print_demo(report: dict, written: list[Path]) -> None:
         f"{q.get('tokens_per_second') or 0:,.0f}/s, all totals match: "
         f"{'unavailable' if match is None else match}"
     )
+    if dp := report.get("dp"):
+        attack = (report.get("membership_inference") or {}).get(
+            f"federated_dp_epsilon_{dp['epsilon']:g}", {}
+        )
+        out.print(
+            f"DP federated (epsilon {dp['epsilon']:g}, delta {dp['delta']:g}): AUC "
+            f"{dp['auc']:.4f}, membership attack AUC {attack.get('attack_auc', float('nan')):.4f}"
+        )
     secs = report.get("seconds", {})
     out.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
     out.print("wrote: " + ", ".join(str(p) for p in written))
@@ -552,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="mlp,lr", help="lr, mlp or both (first is primary): default mlp,lr"
     )
     demo.add_argument("--key-bits", type=int, default=2048, help="Paillier modulus: 2048 or 3072")
+    demo.add_argument(
+        "--dp-epsilons",
+        default="0.5,1,4",
+        help="epsilons of the DP-SGD federations (comma list; empty for none): default 0.5,1,4",
+    )
     demo.add_argument("--json", action="store_true", help="print report.json to stdout")
     demo.set_defaults(func=cmd_demo)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord, Message
 
 from fedcredit.datagen.config import PopulationConfig
 from fedcredit.datagen.generate import generate
@@ -129,10 +130,8 @@ def test_federation_records_the_budget_in_the_model_metadata(dp_federation) -> N
 
 
 def test_platform_refuses_rounds_beyond_the_announced_budget(dp_federation) -> None:  # type: ignore[no-untyped-def]
-    summary, out, grid = dp_federation
+    _, out, grid = dp_federation
     meta = json.loads((Path(out) / "model-lr-local.json").read_text())
-    from flwr.app import ArrayRecord, Message
-
     request = m.ModelInstructions(
         model="lr",
         feature_set="local",

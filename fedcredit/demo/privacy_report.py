@@ -51,6 +51,13 @@ def _f(x: Any, fmt: str = ".4f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _range(noise: Any) -> str:
+    """A noise multiplier range: each platform's follows from its own row count."""
+    if not isinstance(noise, Mapping):
+        return "n/a"
+    return f"{_f(noise.get('min'), '.3f')}-{_f(noise.get('max'), '.3f')}"
+
+
 def privacy_lines(report: Mapping[str, Any]) -> list[str]:
     """report.md's privacy section: secure aggregation, the DP model, the attacks."""
     secagg = report.get("secure_aggregation")
@@ -67,7 +74,7 @@ def privacy_lines(report: Mapping[str, Any]) -> list[str]:
             f"AUC {_f(dp['auc'])}, KS {_f(dp['ks'])}"
             + (f" ({dp['auc'] - fed:+.4f} against the federated model without DP)" if fed else "")
             + f". {dp.get('mechanism')}, clipping norm {dp.get('clipping_norm')}, noise "
-            f"multiplier {dp.get('noise_multiplier')}, {dp.get('accountant')} accountant, "
+            f"multiplier {_range(dp.get('noise_multiplier'))}, {dp.get('accountant')} accountant, "
             f"epsilon spent {dp.get('epsilon_spent')} (the largest over platforms)."
         )
     else:
@@ -80,11 +87,10 @@ def privacy_lines(report: Mapping[str, Any]) -> list[str]:
             "|---|---|---|---|---|---|",
         ]
         for s in sweep:
-            noise = s.get("noise_multiplier") or {}
             lines.append(
                 f"| {s['epsilon']:g} | {_f(s.get('auc'))} | {_f(s.get('ks'))} | "
                 f"{_f(s.get('attack_auc'))} | {_f(s.get('tpr_at_1pct_fpr'), '.2%')} | "
-                f"{_f(noise.get('min'), '.3f')}-{_f(noise.get('max'), '.3f')} |"
+                f"{_range(s.get('noise_multiplier'))} |"
             )
     mia = report.get("membership_inference") or {}
     if mia:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import roc_auc_score, roc_curve
+from threadpoolctl import threadpool_limits
 
 Predict = Callable[[np.ndarray], np.ndarray]
 # Trains a shadow model the way the target was trained; returns its predict function.
@@ -101,12 +102,14 @@ def shadow_model_attack(
     ]
     labels = np.r_[np.ones(len(inside)), np.zeros(len(outside))]
     classifier = HistGradientBoostingClassifier(max_iter=100, random_state=seed)
-    classifier.fit(features, labels)
+    # One thread: on a shared 2-core machine OpenMP's default oversubscribes it badly.
+    with threadpool_limits(limits=1):
+        classifier.fit(features, labels)
 
-    def member_score(rows: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        return classifier.predict_proba(_attack_features(target(rows[0]), rows[1]))[:, 1]
+        def member_score(rows: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+            return classifier.predict_proba(_attack_features(target(rows[0]), rows[1]))[:, 1]
 
-    return score_attack(member_score(members), member_score(non_members))
+        return score_attack(member_score(members), member_score(non_members))
 
 
 def membership_inference(
