@@ -47,7 +47,9 @@ def demo(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedPro
 def test_demo_on_simulation_engine(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = demo(
-        *("--borrowers", "4000", "--rounds", "3", "--model", "lr", "--out", str(out)), cwd=tmp_path
+        *("--borrowers", "4000", "--rounds", "3", "--model", "lr", "--out", str(out)),
+        *("--dp-epsilons", "1"),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
@@ -66,6 +68,19 @@ def test_demo_on_simulation_engine(tmp_path: Path) -> None:
     for name in ("report.md", "roc.png", "scores.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "federation" / "model-lr-cross.pt").exists()
+    # DP-SGD through Flower's runtime: each round a platform's accountant resumes from the
+    # earlier rounds' steps, and the run ends within its budget.
+    dp = report["dp"]
+    assert dp["epsilon"] == 1.0 and dp["delta"] == 1e-5 and 0.0 <= dp["auc"] <= 1.0
+    assert 0.95 <= dp["epsilon_spent"] <= 1.0 and "DP-SGD" in dp["mechanism"]
+    meta = json.loads((out / "federation" / "dp" / "epsilon-1" / "model-lr-local.json").read_text())
+    assert meta["privacy"]["epsilon_spent"] == dp["epsilon_spent"]
+    attacked = {"centralized", "federated", "federated_cross_platform", "federated_dp_epsilon_1"}
+    assert set(report["membership_inference"]) == attacked
+    for result in report["membership_inference"].values():
+        assert 0.0 <= result["attack_auc"] <= 1.0 and 0.0 <= result["tpr_at_1pct_fpr"] <= 1.0
+    assert report["secure_aggregation"] is False
+    assert (out / "privacy.png").stat().st_size > 0
     assert "fedcredit demo" in proc.stdout
     # The run's own log stays quiet: Flower's per-round INFO lines are off without -v.
     assert "[ROUND" not in proc.stderr
@@ -82,6 +97,7 @@ def test_demo_on_existing_ledgers_reports_unavailable_not_invented(tmp_path: Pat
     out = tmp_path / "demo"
     proc = demo(
         *("--ledgers", ledgers, "--rounds", "2", "--model", "lr", "--out", str(out), "--json"),
+        *("--dp-epsilons", ""),
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -94,6 +110,8 @@ def test_demo_on_existing_ledgers_reports_unavailable_not_invented(tmp_path: Pat
     assert set(report["local_only"]) == {"platform-01", "platform-02", "platform-03"}
     assert report["queries"]["count"] > 0
     assert "unavailable" in (out / "report.md").read_text()
+    assert report["dp"] is None and report["dp_sweep"] == []  # --dp-epsilons "": none trained
+    assert "federated" in report["membership_inference"]
 
 
 def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
@@ -109,6 +127,7 @@ def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
         ),
         (["--key-bits", "1024"], "--key-bits"),
         (["--model", "svm"], "model"),
+        (["--dp-epsilons", "one"], "--dp-epsilons"),
     ]
     for extra, message in cases:
         proc = demo("--out", str(tmp_path / "o"), *extra, cwd=REPO, timeout=120)

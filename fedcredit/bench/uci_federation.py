@@ -31,7 +31,9 @@ def run(csv: Path, rounds: int = 20, model: str = "mlp,lr") -> dict[str, object]
             import_file(csv, MAPPING, path, key=key, partition=name)
             ledgers.append(str(path))
         report, _ = run_demo(
-            DemoOptions(ledgers=ledgers, out=Path(tmp) / "demo", rounds=rounds, model=model),
+            DemoOptions(
+                ledgers=ledgers, out=Path(tmp) / "demo", rounds=rounds, model=model, dp_epsilons=[]
+            ),
             lambda *_: None,
         )
     models = {}
