@@ -71,3 +71,21 @@ def test_attacks_find_nothing_on_rows_the_model_never_saw() -> None:
     p = target(not_really_members[0])
     direct = loss_threshold_attack(p, not_really_members[1], target(held_out[0]), held_out[1])
     assert abs(direct.attack_auc - 0.5) < 0.04
+
+
+def test_dp_sgd_defeats_the_attack_that_exposes_the_overfitted_model() -> None:
+    """Same rows, same passes as the overfitted model above, trained with DP-SGD at epsilon 1:
+    the loss-threshold attack falls back to about chance."""
+    from protocols.dp import DPSGD, plan
+
+    rng = np.random.default_rng(0)
+    train, held_out = _rows(rng, 100), _rows(rng, 400)
+    epochs, batch = 300, 50
+    budget = plan(1.0, 1e-5, 1.0, rows=100, batch_size=batch, epochs=epochs, rounds=1)
+    model = build_model("mlp", FEATURES, seed=1)
+    cfg = TrainConfig(epochs=epochs, learning_rate=0.1, batch_size=batch, weight_decay=0.0)
+    train_local(model, *train, cfg, DPSGD(budget))
+    result = loss_threshold_attack(
+        predict_proba(model, train[0]), train[1], predict_proba(model, held_out[0]), held_out[1]
+    )
+    assert abs(result.attack_auc - 0.5) < 0.1, result
