@@ -230,7 +230,7 @@ class ModelInstructions(_FeatureSpec):
     # noise from these and the schedule above, so every round of it adds the same noise.
     dp_epsilon: float = Field(default=0.0, ge=0.0, le=1000.0)
     dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
-    dp_clip_norm: float = Field(default=1.0, gt=0.0, le=1000.0)
+    dp_clip_norm: float = Field(default=3.0, gt=0.0, le=1000.0)
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:

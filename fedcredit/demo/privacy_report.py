@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 
 def privacy_figure(report: Mapping[str, Any]) -> Figure | None:
@@ -38,6 +39,7 @@ def privacy_figure(report: Mapping[str, Any]) -> Figure | None:
         )
     ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance (0.5)")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.set_xlabel(f"epsilon (delta = {sweep[0].get('delta', float('nan')):g})")
     ax.set_ylabel("AUC")
