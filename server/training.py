@@ -228,9 +228,9 @@ def train_federated(
     if settings.secure_aggregation:
         from server import secure_aggregation as sa
 
-        rounds = sa.SecureRounds(
-            grid, sa.names_for(nodes, names), settings.timeout, settings.min_nodes
-        )
+        # A dropout shrinks the set down to two platforms (the sum still hides each one from
+        # the coordinator); min-nodes only says how many must connect before the run starts.
+        rounds = sa.SecureRounds(grid, sa.names_for(nodes, names), settings.timeout)
         prefix = f"{kind}-{feature_set}"
         request = m.FeatureStatsRequest(
             feature_set=feature_set, features=features, test_share=settings.test_share
