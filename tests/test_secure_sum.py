@@ -1,4 +1,4 @@
-"""Secure sums of named vectors: exact to the stated bound, uniform alone, cancelling only in full."""
+"""Secure sums of named vectors: exact to the stated bound, uniform alone, full sums only."""
 
 from __future__ import annotations
 
@@ -138,14 +138,18 @@ def test_refusals() -> None:
     with pytest.raises(ss.SecureSumError, match="non-integer"):
         ss.quantise({**ok, "n": np.asarray(1.5)}, spec)
     with pytest.raises(MaskError, match="not a participant"):
-        ss.mask_values(ok, "bank-z", _key("z"), {**ROSTER, "bank-z": _pub(_key("z"))},
-                       _spec(names=NAMES))
+        ss.mask_values(
+            ok, "bank-z", _key("z"), {**ROSTER, "bank-z": _pub(_key("z"))}, _spec(names=NAMES)
+        )
     with pytest.raises(MaskError, match="not in the pinned roster"):
         ss.mask_values(ok, "bank-a", KEYS["bank-a"], {"bank-a": ROSTER["bank-a"]}, spec)
     with pytest.raises(MaskError, match="not this platform's key"):
         ss.mask_values(ok, "bank-a", _key("other"), ROSTER, spec)
     with pytest.raises(ValidationError, match="no room"):
-        _spec(names=[*NAMES, "bank-d", "bank-e"], fields=[ss.SumField(name="v", shape=(1,), bound_bits=60)])
+        _spec(
+            names=[*NAMES, "bank-d", "bank-e"],
+            fields=[ss.SumField(name="v", shape=(1,), bound_bits=60)],
+        )
     with pytest.raises(ValidationError):
         _spec(names=["bank-a"])
     content = RecordDict()
@@ -177,10 +181,15 @@ def test_secure_fedavg_equals_flower_fedavg_within_the_quantisation_error() -> N
         return msg
 
     plain_replies = [
-        reply(node, RecordDict({
-            "arrays": ArrayRecord({k: Array(v) for k, v in updates[n].items()}),
-            "metrics": MetricRecord({"num-examples": rows[n], "train-loss": 0.5}),
-        }))
+        reply(
+            node,
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v) for k, v in updates[n].items()}),
+                    "metrics": MetricRecord({"num-examples": rows[n], "train-loss": 0.5}),
+                }
+            ),
+        )
         for node, n in nodes.items()
     ]
     plain, _ = FedAvg().aggregate_train(1, plain_replies)
@@ -191,9 +200,13 @@ def test_secure_fedavg_equals_flower_fedavg_within_the_quantisation_error() -> N
     spec = ss.spec_of(sent[0].content, "train")
     assert spec is not None and spec.participants == tuple(sorted(NAMES))
     secure_replies = [
-        reply(node, ss.reply_content(spec, ss.mask_values(
-            ts.train_values(updates[n], rows[n], 0.5), n, KEYS[n], ROSTER, spec
-        )))
+        reply(
+            node,
+            ss.reply_content(
+                spec,
+                ss.mask_values(ts.train_values(updates[n], rows[n], 0.5), n, KEYS[n], ROSTER, spec),
+            ),
+        )
         for node, n in nodes.items()
     ]
     secure, metrics = strategy.aggregate_train(1, secure_replies)
