@@ -528,12 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true")
     gen.set_defaults(func=cmd_key_generate)
 
-    from fedcredit import audit_cli, deploy_cli, enrol_cli, keyholder_cli
+    from fedcredit import audit_cli, deploy_cli, enrol_cli, keyholder_cli, train_cli
 
     enrol_cli.register(sub)
     keyholder_cli.register(sub)
     audit_cli.register(sub)
     deploy_cli.register(sub)
+    train_cli.register(sub)
 
     demo = sub.add_parser(
         "demo",
