@@ -322,6 +322,13 @@ def write_train_report(summary: dict[str, Any], out_dir: Path) -> tuple[dict[str
             "cross_skipped", "not run (stages)"
         )
     written = write_report(report, histograms, out_dir)
+    md = out_dir / "report.md"
+    md.write_text(
+        md.read_text(encoding="utf-8").replace(
+            "# fedcredit demo report", "# fedcredit train report", 1
+        ),
+        encoding="utf-8",
+    )
     return report, written
 
 
