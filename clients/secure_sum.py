@@ -41,9 +41,13 @@ def requested_spec(content: RecordDict, what: str) -> ss.SecureSumSpec | None:
         raise m.ProtocolError(str(exc)) from None
 
 
+def _round_key(spec: ss.SecureSumSpec) -> str:
+    return f"{spec.session_id}/{spec.round_id}"
+
+
 def _check_rerun(ctx: Context, spec: ss.SecureSumSpec, what: str) -> None:
     record = ctx.state.config_records.get(ROUNDS_STATE)
-    previous = record.get(spec.round_id) if record is not None else None
+    previous = record.get(_round_key(spec)) if record is not None else None
     if isinstance(previous, str):
         before = set(previous.split(","))
         now = set(spec.participants)
@@ -58,7 +62,7 @@ def _remember_round(ctx: Context, spec: ss.SecureSumSpec) -> None:
     record = ctx.state.config_records.get(ROUNDS_STATE)
     if record is None:
         record = ctx.state.config_records[ROUNDS_STATE] = ConfigRecord()
-    record[spec.round_id] = ",".join(spec.participants)
+    record[_round_key(spec)] = ",".join(spec.participants)
 
 
 def secure_reply(
