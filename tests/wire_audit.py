@@ -532,3 +532,62 @@ def reply_ciphertexts(
             )
         cts = [int.from_bytes(blob[i : i + width], "big") for i in range(0, len(blob), width)]
         yield record, query_of(record), cts
+
+
+# ------------------------------------------------------------------------------ secure sums
+
+SECURE_SUM_TYPES = ("train", "evaluate", "query.feature_stats")
+
+
+@dataclass(frozen=True)
+class SecureSumGroup:
+    """One secure sum as the wire saw it: the spec the platforms were sent, and each
+    participant's masked reply as the coordinator received it."""
+
+    spec: Any  # protocols.secure_sum.SecureSumSpec
+    message_type: str
+    replies: dict[int, bytes]  # partition (or node id) -> masked vector
+
+
+def secure_sum_groups(
+    coordinator: Sequence[WireRecord], platforms: dict[int, list[WireRecord]]
+) -> list[SecureSumGroup]:
+    """Pair every masked training reply with the spec of the request it answers (by nonce)."""
+    from protocols import secure_sum as ss
+
+    specs: dict[str, Any] = {}
+    for view in platforms.values():
+        for record in view:
+            raw = record.content.get("config", {}).get(ss.SPEC_KEY, {}).get("spec")
+            if isinstance(raw, bytes):
+                spec = ss.SecureSumSpec.model_validate_json(raw)
+                specs[spec.nonce] = (spec, record.message_type)
+    groups: dict[str, dict[int, bytes]] = defaultdict(dict)
+    for record in coordinator:
+        if record.message_type not in SECURE_SUM_TYPES or record.error:
+            continue
+        body = record.content.get("config", {}).get(ss.SPEC_KEY, {})
+        nonce, masked = body.get("nonce"), body.get("masked")
+        if isinstance(nonce, str) and isinstance(masked, bytes):
+            key = record.partition if record.partition is not None else record.node_id
+            groups[nonce][key] = masked
+    return [
+        SecureSumGroup(specs[nonce][0], specs[nonce][1], replies)
+        for nonce, replies in groups.items()
+        if nonce in specs
+    ]
+
+
+def uniformity(blobs: Sequence[bytes]) -> tuple[float, float]:
+    """``(share of one bits, chi-square of the top byte over 256 cells)`` of masked words.
+
+    Quantised plaintext (a count, a histogram bin, a small weight) sits near 0 or near
+    2**64: its top byte is 0x00 or 0xff and its bits are mostly equal. Uniform words give a
+    share of about 0.5 and a chi-square near 255.
+    """
+    words = np.concatenate([np.frombuffer(b, dtype="<u8") for b in blobs])
+    bits = np.unpackbits(words.view(np.uint8))
+    top = (words >> np.uint64(56)).astype(np.int64)
+    counts = np.bincount(top, minlength=256)
+    expected = len(words) / 256
+    return float(bits.mean()), float(((counts - expected) ** 2 / expected).sum())

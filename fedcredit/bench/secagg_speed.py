@@ -4,9 +4,10 @@ One simulation-engine run (Flower's Ray runtime, one ClientApp per platform ledg
 same model twice over the same platforms: first with plain replies (the baseline), then with
 every sum masked (``protocols.secure_sum``). Each training is timed inside the ServerApp, from
 the federated scaler to the final evaluation, and divided by the number of rounds; Ray's
-start-up and one untimed warm-up training (imports, ledgers opened) are outside both. ``ratio`` is ``secure_round_s / plain_round_s`` (target: at most 2
-with 3 platforms). The two trainings are interleaved ``repeats`` times and the medians kept,
-so a slow spell on a shared machine does not land on one side only.
+start-up and one untimed warm-up training (imports, ledgers opened) are outside both.
+``ratio`` is ``secure_round_s / plain_round_s`` (target: at most 2 with 3 platforms). The
+two trainings are interleaved ``repeats`` times and the medians kept, so a slow spell on a
+shared machine does not land on one side only.
 """
 
 from __future__ import annotations
