@@ -348,3 +348,23 @@ def test_training_sums_are_right_and_only_full_sums_decode(audit: AuditRun) -> N
                 partial += 1
                 assert int(words[-1]) != size, f"a subset of {spec.round_id} cancels its masks"
     assert full > 0 and partial > 0
+
+
+def test_uniformity_check_flags_an_unmasked_vector(audit: AuditRun) -> None:
+    """Self-test: the same spec's vector quantised but not masked fails the check above."""
+    from protocols import secure_sum as ss
+
+    group = next(
+        g
+        for g in secure_sum_groups(audit.coordinator, audit.platforms)
+        if g.message_type == "train"
+    )
+    rng = np.random.default_rng(0)
+    values = {
+        f.name: (rng.normal(0, 0.3, f.shape) * 700 if not f.integer else np.full(f.shape, 700.0))
+        for f in group.spec.fields
+    }
+    plain = ss.quantise(values, group.spec).astype("<u8").tobytes()
+    words = len(plain) // 8
+    share, _ = uniformity([plain])
+    assert abs(share - 0.5) >= 6 * 0.5 / np.sqrt(64 * words), share
