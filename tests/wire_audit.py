@@ -579,15 +579,17 @@ def secure_sum_groups(
 
 
 def uniformity(blobs: Sequence[bytes]) -> tuple[float, float]:
-    """``(share of one bits, chi-square of the top byte over 256 cells)`` of masked words.
+    """``(share of words that look like plaintext, chi-square of their top byte)``.
 
-    Quantised plaintext (a count, a histogram bin, a small weight) sits near 0 or near
-    2**64: its top byte is 0x00 or 0xff and its bits are mostly equal. Uniform words give a
-    share of about 0.5 and a chi-square near 255.
+    A quantised plaintext entry (a count, a histogram bin, a weight times rows, positive or
+    negative) is small in two's complement: its top byte is 0x00 or 0xff. A uniform word has
+    such a top byte with probability 2/256, so masked replies show under 1 % of them and a
+    plain vector nearly 100 %. The chi-square over the 256 top-byte cells (255 degrees of
+    freedom) is for long vectors.
     """
     words = np.concatenate([np.frombuffer(b, dtype="<u8") for b in blobs])
-    bits = np.unpackbits(words.view(np.uint8))
     top = (words >> np.uint64(56)).astype(np.int64)
     counts = np.bincount(top, minlength=256)
     expected = len(words) / 256
-    return float(bits.mean()), float(((counts - expected) ** 2 / expected).sum())
+    plain_like = float((counts[0] + counts[255]) / len(words))
+    return plain_like, float(((counts - expected) ** 2 / expected).sum())
