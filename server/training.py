@@ -7,6 +7,10 @@ replies are score histograms; they are summed, and AUC and KS read off the sum (
 ``protocols.metrics``), never averaged across platforms. The same goes for calibration: the
 Brier score and reliability table come off the summed held-out histogram, and the PSI
 compares it with the summed histogram of the training rows' scores (``train-hist-*``).
+
+With ``secure-aggregation`` (the default) the scaler's sums, FedAvg's and every evaluation
+are secure sums (``server.secure_aggregation``): the coordinator never holds one platform's
+vector, so ``TrainedModel`` then carries only the summed histograms.
 """
 
 from __future__ import annotations
