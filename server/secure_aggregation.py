@@ -11,6 +11,13 @@ average is never wrong, only over fewer platforms (the drop is recorded and repo
 steps replaced by secure sums: the platforms send ``n_i * weights_i``, ``n_i`` and
 ``n_i * loss_i``; the coordinator divides the sums. Evaluate replies are the summed score
 histograms and loss, read by the same ``sum_histograms`` as the plain path.
+
+Another sum (federated boosting's gradient histograms, say) needs three lines on each side:
+the coordinator ``rounds.run("<model>/<step>", "query.<name>", fields, build_request)`` with
+``fields`` a list of ``SumField`` (name, shape, public bound) and ``build_request`` returning
+the request's ``RecordDict``; the platform's handler ends with ``spec =
+requested_spec(msg.content, what)`` and ``return secure_reply(spec, {name: array, ...}, ctx,
+data, what)`` (``clients/secure_sum.py``). The result is ``{name: summed float array}``.
 """
 
 from __future__ import annotations
