@@ -46,6 +46,8 @@ class FederationSettings(BaseModel):
     node_wait: float = Field(default=120.0, alias="node-wait", gt=0)
     timeout: float = Field(default=1800.0, gt=0)
     seed: int = Field(default=0, ge=0)
+    # Mask every training sum (protocols/secure_sum.py); false keeps the plain replies.
+    secure_aggregation: bool = Field(default=True, alias="secure-aggregation")
     # Sample-level DP-SGD on every platform (docs/privacy.md): 0 is off.
     dp_epsilon: float = Field(default=0.0, alias="dp-epsilon", ge=0, le=1000)
     dp_delta: float = Field(default=1e-5, alias="dp-delta", gt=0, lt=1)
