@@ -127,6 +127,8 @@ def test_federation_records_the_budget_in_the_model_metadata(dp_federation) -> N
     assert 0 < privacy["noise_multiplier"]["min"] <= privacy["noise_multiplier"]["max"]
     meta = json.loads((Path(out) / "model-lr-local.json").read_text())
     assert meta["privacy"] == privacy
+    # Under secure aggregation: the accounting travels in clear beside the masked vector.
+    assert meta["secure_aggregation"] is True
 
 
 def test_platform_refuses_rounds_beyond_the_announced_budget(dp_federation) -> None:  # type: ignore[no-untyped-def]
