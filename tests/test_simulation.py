@@ -79,7 +79,7 @@ def test_demo_on_simulation_engine(tmp_path: Path) -> None:
     assert set(report["membership_inference"]) == attacked
     for result in report["membership_inference"].values():
         assert 0.0 <= result["attack_auc"] <= 1.0 and 0.0 <= result["tpr_at_1pct_fpr"] <= 1.0
-    assert report["secure_aggregation"] is False
+    assert report["secure_aggregation"] is True  # the demo's default: DP under secure sums
     assert (out / "privacy.png").stat().st_size > 0
     assert "fedcredit demo" in proc.stdout
     # The run's own log stays quiet: Flower's per-round INFO lines are off without -v.

@@ -279,14 +279,7 @@ def _privacy(
         entry.update(attack_auc=attack["attack_auc"], tpr_at_1pct_fpr=attack["tpr_at_1pct_fpr"])
         entry["batch_size"], entry["learning_rate"] = opts.dp_batch_size, opts.dp_learning_rate
     headline = next((s for s in sweep if s["epsilon"] == 1.0), sweep[0] if sweep else None)
-    settings = fed.get("settings") or {}
-    return {
-        "dp": headline,
-        "dp_sweep": sweep,
-        "membership_inference": attacks,
-        # Engineer A's secure aggregation adds this run-config key; absent means off.
-        "secure_aggregation": bool(settings.get("secure-aggregation", False)),
-    }
+    return {"dp": headline, "dp_sweep": sweep, "membership_inference": attacks}
 
 
 def _with_model_aucs(
