@@ -161,9 +161,12 @@ def _train(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         batch_size=req.batch_size,
         seed=req.seed * 100_003 + req.server_round,
     )
-    dp = _dp_round(req, len(y))
+    dp = _dp_round(req, len(y), ctx)
     loss = train_local(model, X, y, cfg, dp)  # type: ignore[arg-type]
-    dp_metrics = dp.metrics() if dp else {}
+    dp_metrics = {}
+    if dp is not None:
+        dp_metrics = dp.metrics()
+        _dp_steps(ctx)[_dp_key(req)] = int(dp_metrics["dp-steps"])
     if spec is not None:
         from protocols.training_sums import train_values
 
@@ -183,10 +186,26 @@ def _train(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     )
 
 
-def _dp_round(req: m.ModelInstructions, rows: int) -> DPSGD | None:
+DP_STATE = "dp-steps"
+
+
+def _dp_key(req: m.ModelInstructions) -> str:
+    """One DP-SGD schedule of this run: a model, its features and its budget."""
+    return f"{req.model}/{req.feature_set}/{req.dp_epsilon:g}/{req.dp_delta:g}/{req.total_rounds}"
+
+
+def _dp_steps(ctx: Context) -> ConfigRecord:
+    """DP-SGD steps taken so far per schedule, in the node's context state (it outlives the
+    process): a round re-run after a dropout trains again, and those steps count too."""
+    if DP_STATE not in ctx.state.config_records:
+        ctx.state.config_records[DP_STATE] = ConfigRecord()
+    return ctx.state.config_records[DP_STATE]
+
+
+def _dp_round(req: m.ModelInstructions, rows: int, ctx: Context) -> DPSGD | None:
     """DP-SGD for this round when the bureau asked for it: the noise is fixed by the whole
-    schedule and this platform's row count, and the accountant starts from the earlier
-    rounds' steps (each round runs in a fresh process)."""
+    schedule and this platform's row count, and the accountant starts from the steps already
+    taken (each round runs in a fresh process): the earlier rounds', and a re-run's."""
     if req.dp_epsilon <= 0:
         return None
     from protocols.dp import DPSGD, plan
@@ -206,7 +225,8 @@ def _dp_round(req: m.ModelInstructions, rows: int) -> DPSGD | None:
         req.total_rounds,
     )
     done = max(req.server_round - 1, 0) * budget.steps_per_round
-    return DPSGD(budget, steps_before=done)
+    taken = _dp_steps(ctx).get(_dp_key(req), 0)
+    return DPSGD(budget, steps_before=max(done, int(taken)))  # type: ignore[call-overload]
 
 
 def _evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:

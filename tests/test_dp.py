@@ -153,3 +153,36 @@ def test_platform_refuses_rounds_beyond_the_announced_budget(dp_federation) -> N
     reply = next(iter(grid.send_and_receive([msg])))
     assert reply.has_error()
     assert "more than the announced privacy budget" in reply.error.reason
+
+
+def test_a_rerun_round_counts_against_the_budget(dp_federation) -> None:  # type: ignore[no-untyped-def]
+    """A round trained again (secure aggregation re-runs a round after a dropout) spends
+    again: the node's context state carries the steps taken, and the spent epsilon says so."""
+    summary, out, grid = dp_federation
+    meta = json.loads((Path(out) / "model-lr-local.json").read_text())
+    steps = summary["models"]["lr"]["local"]["privacy"]["steps"]  # after both rounds
+    request = m.ModelInstructions(
+        model="lr",
+        feature_set="local",
+        features=meta["features"],
+        test_share=0.3,
+        mean=meta["scaler"]["mean"],
+        std=meta["scaler"]["std"],
+        total_rounds=2,
+        server_round=2,
+        dp_epsilon=2.0,
+        dp_clip_norm=0.5,
+    )
+    content = request.to_content()
+    content.array_records["arrays"] = ArrayRecord(
+        build_model("lr", len(meta["features"])).state_dict()
+    )
+    node = next(iter(grid.contexts))
+    msg = Message(content, dst_node_id=node, message_type="train")
+    reply = next(iter(grid.send_and_receive([msg])))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = reply.content.metric_records["metrics"]
+    per_round = round(1 / metrics["dp-sample-rate"])  # one epoch: 1 / q batches
+    assert metrics["dp-steps"] == 3 * per_round  # both rounds, then this re-run
+    assert steps >= 2 * per_round
+    assert metrics["dp-epsilon-spent"] > 2.0  # over budget, and reported as such
