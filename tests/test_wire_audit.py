@@ -122,7 +122,6 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditRun]:
         model="lr",
         key_bits=2048,
         query_batch=2_000,
-        dp_epsilons=[],
     )
     with pytest.MonkeyPatch.context() as mp:
         # Ray workers unpickle the recorder by reference: they must import this checkout.

@@ -98,11 +98,16 @@ class _DropDeprecationNotice(logging.Filter):
 
 
 def _run_simulation(
-    opts: DemoOptions, ledgers: list[str], fed_out: Path, mods: Sequence[Any] = ()
+    opts: DemoOptions,
+    ledgers: list[str],
+    fed_out: Path,
+    mods: Sequence[Any] = (),
+    dp_sweep: bool = False,
 ) -> dict[str, Any]:
     """The same ServerApp and ClientApp as deployment, on Flower's simulation engine.
 
     ``mods`` are Flower mods for every ClientApp (the test suite's wire recorder).
+    ``dp_sweep`` adds the demo's DP-SGD federations (``opts.dp_epsilons``) to the same run.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -141,7 +146,7 @@ def _run_simulation(
         "stages": opts.stages,
         **opts.run_config,
     }
-    if opts.dp_epsilons:
+    if dp_sweep and opts.dp_epsilons:
         from fedcredit.demo import privacy
 
         sweep = privacy.sweep_overrides(
@@ -361,7 +366,7 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
     t = time.perf_counter()
     step("federation", 0, 0, "starting Flower's simulation engine")
     fed_out = out / "federation"
-    fed = _run_simulation(opts, ledgers, fed_out)
+    fed = _run_simulation(opts, ledgers, fed_out, dp_sweep=True)
     seconds["federation"] = time.perf_counter() - t
 
     t = time.perf_counter()
