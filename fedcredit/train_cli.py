@@ -295,6 +295,7 @@ def write_train_report(summary: dict[str, Any], out_dir: Path) -> tuple[dict[str
         "federated": _metrics(models.get("local")),
         "federated_cross_platform": _metrics(models.get("cross")),
         "secure_aggregation": summary.get("secure_aggregation"),
+        "dp": _dp_of(models.get(headline)),
         "dropped": {k: v.get("dropped", {}) for k, v in models.items() if v.get("dropped")},
         "calibration": {"brier": calibrated["brier"], "psi": calibrated["psi"]}
         if calibrated
@@ -330,6 +331,14 @@ def write_train_report(summary: dict[str, Any], out_dir: Path) -> tuple[dict[str
         encoding="utf-8",
     )
     return report, written
+
+
+def _dp_of(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The headline model's DP-SGD record (docs/privacy.md), or None without DP."""
+    privacy = (entry or {}).get("privacy") or {}
+    if privacy.get("mechanism", "none") == "none":
+        return None
+    return {"auc": entry["auc"], "ks": entry["ks"], **privacy}  # type: ignore[index]
 
 
 def _metrics(entry: dict[str, Any] | None) -> dict[str, Any] | None:

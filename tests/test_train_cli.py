@@ -68,7 +68,8 @@ def test_train_on_ledgers_writes_models_metadata_and_report(
         assert (out / name).stat().st_size > 0
     assert (out / "report.md").read_text().startswith("# fedcredit train report")
     settings = json.loads((out / "federation" / "federation.json").read_text())["settings"]
-    assert settings["secure-aggregation"] is True and "dp-epsilon" not in settings
+    assert settings["secure-aggregation"] is True and settings["dp-epsilon"] == 0.0
+    assert report["dp"] is None and meta["privacy"]["mechanism"] == "none"
 
 
 def test_train_refuses_two_ledgers_with_the_query(ledgers: list[str], tmp_path: Path) -> None:

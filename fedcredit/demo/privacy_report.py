@@ -74,13 +74,17 @@ def privacy_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"- **DP federated model at epsilon {dp['epsilon']:g}, delta {dp['delta']:g}**: "
             f"AUC {_f(dp['auc'])}, KS {_f(dp['ks'])}"
-            + (f" ({dp['auc'] - fed:+.4f} against the federated model without DP)" if fed else "")
+            + (
+                f" ({dp['auc'] - fed:+.4f} against the federated model without DP)"
+                if fed and "dp_sweep" in report  # the demo: its federated model has no DP
+                else ""
+            )
             + f". {dp.get('mechanism')}, clipping norm {dp.get('clipping_norm')}, noise "
             f"multiplier {_range(dp.get('noise_multiplier'))}, {dp.get('accountant')} accountant, "
             f"epsilon spent {dp.get('epsilon_spent')} (the largest over platforms)."
         )
     else:
-        lines.append("- **DP model**: not trained in this run.")
+        lines.append("- **Differential privacy**: off in this run (no `dp-epsilon`).")
     sweep = report.get("dp_sweep") or []
     if sweep:
         lines += [
