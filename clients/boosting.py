@@ -1,0 +1,160 @@
+"""A platform's side of federated gradient boosting: it sends sums, never rows or scores.
+
+Three messages (``protocols.gbdt``): ``query.gbdt_sketch`` (row counts over the common grid,
+for the bin edges, and the label count, for the starting score), ``query.gbdt_level``
+(summed gradient, hessian and row count per node, feature and bin) and
+``query.gbdt_evaluate`` (score histograms of the finished model, like ``evaluate``).
+
+The running scores of the platform's training and held-out rows live in Flower's node state
+(``BOOST_STATE``), so a node that runs each message in a fresh process keeps them; each level
+message must follow on from that state (same session, the next tree), or it is refused.
+Every per-platform sum leaves through ``protect``: the one place where the secure-summation
+masks are added (identity until the secure summation of training sums is plugged in).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from clients.platform_data import PlatformData
+from protocols import gbdt
+from protocols import messages as m
+from protocols.metrics import ScoreHistogram
+
+BOOST_STATE = "fedcredit.gbdt"
+SUMS_KEY = "sums"
+
+
+def protect(arrays: dict[str, np.ndarray], _ctx: Context, _what: str) -> dict[str, np.ndarray]:
+    """Hook for pairwise-masked secure summation of the named sums (identity for now)."""
+    return arrays
+
+
+def _reply(arrays: dict[str, np.ndarray], ctx: Context, what: str) -> RecordDict:
+    masked = protect(arrays, ctx, what)
+    record = ArrayRecord(
+        {k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in masked.items()}
+    )
+    return RecordDict({SUMS_KEY: record})
+
+
+def _rows(
+    req: gbdt._BoostSpec, ctx: Context, data: PlatformData, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    from clients.app import _delivered_totals
+
+    return data.rows(req.feature_set, req.features, split, req.test_share, _delivered_totals(ctx))
+
+
+def sketch(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    req = gbdt.SketchRequest.from_content(msg.content, "query.gbdt_sketch")
+    X, y = _rows(req, ctx, data, "train")
+    counts = gbdt.sketch_counts(X, np.asarray(req.mean), np.asarray(req.std))
+    sums = {"counts": counts, "labels": np.array([float(len(y)), float(y.sum())])}
+    return _reply(sums, ctx, "query.gbdt_sketch")
+
+
+def _state(ctx: Context) -> ConfigRecord | None:
+    return ctx.state.config_records.get(BOOST_STATE)
+
+
+def _save_state(
+    ctx: Context, session: str, trees: int, train: np.ndarray, test: np.ndarray
+) -> None:
+    ctx.state.config_records[BOOST_STATE] = ConfigRecord(
+        {
+            "session": session,
+            "trees": trees,
+            "train": train.astype("<f8").tobytes(),
+            "test": test.astype("<f8").tobytes(),
+        }
+    )
+
+
+_binned: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _binned_rows(
+    req: gbdt._Model, ctx: Context, data: PlatformData, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(bins, labels) of the train or test rows for this session's edges.
+
+    Cached in process memory for the session (a tree costs a few dozen messages); a node
+    that runs the next message in another process just bins again.
+    """
+    key = (data.location, req.session_id, split)
+    if key not in _binned:
+        if len(_binned) >= 8:
+            _binned.clear()
+        X, y = _rows(req, ctx, data, split)
+        _binned[key] = (gbdt.bin_rows(X, req.edges), y)
+    return _binned[key]
+
+
+def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    what = "query.gbdt_level"
+    req = gbdt.LevelRequest.from_content(msg.content, what)
+    binned, y = _binned_rows(req, ctx, data, "train")
+    state = _state(ctx)
+    if req.level == 0 and req.tree == 0:
+        _binned.pop((data.location, req.session_id, "test"), None)
+        binned_test, y_test = _binned_rows(req, ctx, data, "test")
+        train = np.full(len(y), req.base_margin)
+        test = np.full(len(y_test), req.base_margin)
+        trees = 0
+    else:
+        if state is None or state["session"] != req.session_id:
+            raise m.ProtocolError(f"{what}: no boosting session {req.session_id} on this platform")
+        trees = int(state["trees"])  # type: ignore[arg-type]
+        expected = req.tree - 1 if req.level == 0 else req.tree
+        if trees != expected:
+            raise m.ProtocolError(
+                f"{what}: tree {req.tree} level {req.level} does not follow on from the "
+                f"{trees} tree(s) this platform holds"
+            )
+        train = np.frombuffer(state["train"], dtype="<f8").copy()  # type: ignore[arg-type]
+        test = np.frombuffer(state["test"], dtype="<f8").copy()  # type: ignore[arg-type]
+        if len(train) != len(y):
+            raise m.ProtocolError(f"{what}: this platform's rows changed during the session")
+        if req.previous is not None:
+            binned_test, y_test = _binned_rows(req, ctx, data, "test")
+            if len(test) != len(y_test):
+                raise m.ProtocolError(f"{what}: this platform's rows changed during the session")
+            train += gbdt.tree_output(req.previous, binned)
+            test += gbdt.tree_output(req.previous, binned_test)
+            trees += 1
+    if req.level == 0:  # a new tree: the scores moved on (or started)
+        _save_state(ctx, req.session_id, trees, train, test)
+    p = gbdt.sigmoid(train)
+    node = gbdt.route(req.current, binned, req.level)
+    sums = gbdt.node_histograms(binned, p - y, p * (1 - p), node, req.nodes, req.bins)
+    if req.level == 0:
+        # The model so far on the held-out rows, as sums: the bureau's per-tree history.
+        hist = ScoreHistogram.of(gbdt.sigmoid(test), y_test)
+        sums.update(
+            {
+                "hist-pos": hist.positives.astype(np.float64),
+                "hist-neg": hist.negatives.astype(np.float64),
+                "test-loss": np.array([gbdt.logistic_loss_sum(test, y_test), float(len(y_test))]),
+            }
+        )
+    return _reply(sums, ctx, what)
+
+
+def evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    """The finished model's held-out and training-row score histograms (as ``evaluate``)."""
+    req = gbdt.EvaluateRequest.from_content(msg.content, "query.gbdt_evaluate")
+    out: dict[str, object] = {}
+    for split, prefix in (("test", "hist"), ("train", "train-hist")):
+        X, y = _rows(req, ctx, data, split)
+        margin = gbdt.model_margin(
+            gbdt.bin_rows(X, req.edges), req.base_margin, req.trees, req.depth
+        )
+        hist = ScoreHistogram.of(gbdt.sigmoid(margin), y)
+        out[f"{prefix}-pos"] = hist.positives.tolist()
+        out[f"{prefix}-neg"] = hist.negatives.tolist()
+        if split == "test":
+            out["num-examples"] = len(y)
+            out["loss"] = gbdt.logistic_loss_sum(margin, y) / len(y) if len(y) else 0.0
+    return RecordDict({"metrics": MetricRecord(out)})  # type: ignore[arg-type]

@@ -1,0 +1,443 @@
+"""Federated histogram gradient boosting: what the bureau and the platforms share.
+
+The horizontal SecureBoost family (FATE's homo-SecureBoost, XGBoost's histogram method):
+every platform holds whole rows of its own borrowers, and a tree is grown from sums only.
+
+1. **Bin edges, agreed federatedly.** Each platform counts its training rows per feature over
+   one fine common grid (``SKETCH_CELLS`` cells over ``asinh`` of the federally standardised
+   value, so heavy tails get resolution where the mass is); the bureau adds the counts and
+   reads at most ``bins - 1`` quantile edges per feature off the sum. Counts are sums, so
+   they can be protected like every other sum; no row, minimum or maximum leaves a platform.
+2. **One message per tree level.** Each platform sends, per requested node, feature and bin,
+   the summed gradient, hessian and row count of its rows (logistic loss). The bureau adds
+   them, finds each node's best split, and asks next for the smaller child of every split
+   only (the sibling is the parent minus it: half the traffic). The last level's leaf values
+   come from the split sums, so a tree of depth ``D`` costs ``D`` round trips; the finished
+   tree travels with the next tree's first message.
+3. Every platform keeps its running scores in Flower's node state; a message that does not
+   follow on from that state (wrong session, a tree skipped) is refused.
+
+The tree layout is a complete binary heap of depth ``depth``: node ``i`` has children
+``2i + 1`` (bin <= threshold) and ``2i + 2``; ``feature == -1`` marks a leaf.
+
+Everything here is numpy; the pooled yardstick (scikit-learn's HistGradientBoosting on the
+same bins) is ``pooled_fit`` and imports scikit-learn only when called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Self
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from protocols.messages import MAX_FEATURES, FeatureName, Payload, ProtocolError
+
+SKETCH_CELLS = 2048
+SKETCH_RANGE = math.asinh(1e6)  # |standardised value| up to a million std; beyond: end cells
+MAX_BINS = 255
+MAX_DEPTH = 8
+L2 = 1.0  # ridge on leaf values (XGBoost's lambda)
+MIN_CHILD_ROWS = 20  # scikit-learn's min_samples_leaf default
+MIN_CHILD_HESSIAN = 1e-3
+SESSION = r"^[0-9a-f]{32}$"
+
+
+# -- bin edges --------------------------------------------------------------------------------
+
+
+def _cell_width() -> float:
+    return 2 * SKETCH_RANGE / SKETCH_CELLS
+
+
+def sketch_counts(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Row counts per (feature, grid cell): the platform's contribution to the bin edges."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != len(mean):
+        raise ValueError("rows do not match the feature list")
+    z = np.arcsinh((np.nan_to_num(X) - mean) / std)
+    cells = np.clip(np.floor((z + SKETCH_RANGE) / _cell_width()), 0, SKETCH_CELLS - 1)
+    flat = cells.astype(np.int64) + np.arange(X.shape[1]) * SKETCH_CELLS
+    counts = np.bincount(flat.ravel(), minlength=X.shape[1] * SKETCH_CELLS)
+    return counts.reshape(X.shape[1], SKETCH_CELLS).astype(np.float64)
+
+
+def edges_from_counts(
+    counts: np.ndarray, mean: np.ndarray, std: np.ndarray, max_bins: int
+) -> list[list[float]]:
+    """At most ``max_bins - 1`` increasing edges per feature from the summed cell counts.
+
+    A feature with few distinct cells (a flag, a small count) gets an edge between every
+    pair of occupied cells, as scikit-learn does for features with few distinct values;
+    otherwise edges sit at the upper boundary of the cell where each quantile falls.
+    """
+    width = _cell_width()
+    out: list[list[float]] = []
+    for f in range(counts.shape[0]):
+        row = np.clip(counts[f], 0, None)
+        occupied = np.flatnonzero(row > 0.5)
+        if len(occupied) <= 1:
+            out.append([])
+            continue
+        if len(occupied) <= max_bins:
+            cells = occupied[:-1]
+        else:
+            cum = np.cumsum(row)
+            targets = cum[-1] * np.arange(1, max_bins) / max_bins
+            cells = np.unique(np.searchsorted(cum, targets, side="left"))
+            cells = cells[cells < occupied[-1]]
+        upper = -SKETCH_RANGE + (cells + 1) * width
+        values = mean[f] + std[f] * np.sinh(upper)
+        out.append(sorted({float(v) for v in values if math.isfinite(v)}))
+    return out
+
+
+def bin_rows(X: np.ndarray, edges: list[list[float]]) -> np.ndarray:
+    """Bin index per (row, feature): the number of the feature's edges at or below the value."""
+    X = np.nan_to_num(np.asarray(X, dtype=np.float64))
+    out = np.empty(X.shape, dtype=np.int32)
+    for f, e in enumerate(edges):
+        out[:, f] = np.searchsorted(np.asarray(e, dtype=np.float64), X[:, f], side="right")
+    return out
+
+
+def bins_needed(edges: list[list[float]]) -> int:
+    return max([len(e) + 1 for e in edges] + [2])
+
+
+# -- trees ------------------------------------------------------------------------------------
+
+
+def heap_size(depth: int) -> int:
+    return 2 ** (depth + 1) - 1
+
+
+class Tree(Payload):
+    """One tree in heap layout: per node its feature (-1: leaf), bin threshold, leaf value."""
+
+    feature: list[int] = Field(max_length=2 ** (MAX_DEPTH + 1) - 1)
+    threshold: list[int] = Field(max_length=2 ** (MAX_DEPTH + 1) - 1)
+    value: list[float] = Field(max_length=2 ** (MAX_DEPTH + 1) - 1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Self:
+        n = len(self.feature)
+        if not n == len(self.threshold) == len(self.value) or n not in {
+            heap_size(d) for d in range(MAX_DEPTH + 1)
+        }:
+            raise ValueError("feature, threshold and value must be one complete binary heap")
+        if not all(math.isfinite(v) for v in self.value):
+            raise ValueError("non-finite leaf value")
+        for i, f in enumerate(self.feature):
+            if f >= 0 and 2 * i + 2 >= n:
+                raise ValueError(f"node {i} splits but has no children in the heap")
+        return self
+
+    @classmethod
+    def empty(cls, depth: int) -> Tree:
+        n = heap_size(depth)
+        return cls(feature=[-1] * n, threshold=[0] * n, value=[0.0] * n)
+
+    def check_against(self, n_features: int, bins: int) -> None:
+        if any(f >= n_features or f < -1 for f in self.feature):
+            raise ProtocolError("a tree splits on a feature outside the feature list")
+        if any(not 0 <= t < bins for t in self.threshold):
+            raise ProtocolError("a tree threshold is outside the bins")
+
+
+def route(tree: Tree, binned: np.ndarray, levels: int | None = None) -> np.ndarray:
+    """Heap node of every row after ``levels`` levels of splits (all levels by default)."""
+    feature = np.asarray(tree.feature, dtype=np.int64)
+    threshold = np.asarray(tree.threshold, dtype=np.int64)
+    depth = int(math.log2(len(feature) + 1)) - 1
+    node = np.zeros(len(binned), dtype=np.int64)
+    rows = np.arange(len(binned))
+    for _ in range(depth if levels is None else levels):
+        f = feature[node]
+        internal = f >= 0
+        right = binned[rows, np.where(internal, f, 0)] > threshold[node]
+        node = np.where(internal, 2 * node + 1 + right, node)
+    return node
+
+
+def tree_output(tree: Tree, binned: np.ndarray) -> np.ndarray:
+    return np.asarray(tree.value, dtype=np.float64)[route(tree, binned)]
+
+
+def sigmoid(margin: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(margin, -35, 35)))
+
+
+def logistic_loss_sum(margin: np.ndarray, y: np.ndarray) -> float:
+    """Summed log-loss (a sum, so the bureau can add it across platforms)."""
+    return float(np.sum(np.logaddexp(0.0, margin) - y * margin))
+
+
+def node_histograms(
+    binned: np.ndarray,
+    grad: np.ndarray,
+    hess: np.ndarray,
+    node_of_row: np.ndarray,
+    nodes: list[int],
+    bins: int,
+) -> dict[str, np.ndarray]:
+    """Summed gradient, hessian and row count per (requested node, feature, bin)."""
+    slot_of = {n: i for i, n in enumerate(nodes)}
+    slots = np.array([slot_of.get(int(n), -1) for n in range(int(node_of_row.max(initial=0)) + 1)])
+    slot = slots[node_of_row] if len(node_of_row) else np.zeros(0, dtype=np.int64)
+    keep = slot >= 0
+    F = binned.shape[1]
+    shape = (len(nodes), F, bins)
+    size = len(nodes) * F * bins
+    flat = (slot[keep, None] * F + np.arange(F)) * bins + binned[keep]
+    flat = flat.ravel()
+    out = {}
+    for name, weights in (("grad", grad), ("hess", hess), ("count", np.ones_like(grad))):
+        w = np.repeat(weights[keep], F)
+        out[name] = np.bincount(flat, weights=w, minlength=size).reshape(shape)
+    return out
+
+
+@dataclass(frozen=True)
+class Split:
+    feature: int
+    threshold: int
+    gain: float
+    left: tuple[float, float, float]  # (gradient, hessian, rows)
+    right: tuple[float, float, float]
+
+
+def leaf_value(grad: float, hess: float, learning_rate: float) -> float:
+    return float(-learning_rate * grad / (hess + L2))
+
+
+def best_split(
+    grad: np.ndarray, hess: np.ndarray, count: np.ndarray, min_child_rows: int = MIN_CHILD_ROWS
+) -> Split | None:
+    """The split of one node with the largest loss reduction, from its (feature, bin) sums."""
+    G, H = float(grad[0].sum()), float(hess[0].sum())
+    gl, hl, cl = (np.cumsum(a, axis=1)[:, :-1] for a in (grad, hess, count))
+    gr, hr, cr = G - gl, H - hl, count[0].sum() - cl
+    ok = (cl >= min_child_rows) & (cr >= min_child_rows)
+    ok &= (hl >= MIN_CHILD_HESSIAN) & (hr >= MIN_CHILD_HESSIAN)
+    gain = gl**2 / (hl + L2) + gr**2 / (hr + L2) - G**2 / (H + L2)
+    gain = np.where(ok, gain, -np.inf)
+    if not np.isfinite(gain).any():
+        return None
+    f, b = np.unravel_index(int(np.argmax(gain)), gain.shape)
+    if gain[f, b] <= 1e-12:
+        return None
+    return Split(
+        int(f),
+        int(b),
+        float(gain[f, b]),
+        (float(gl[f, b]), float(hl[f, b]), float(cl[f, b])),
+        (float(gr[f, b]), float(hr[f, b]), float(cr[f, b])),
+    )
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+class _BoostSpec(Payload):
+    feature_set: str = Field(pattern=r"^(local|cross)$")
+    features: list[FeatureName] = Field(min_length=1, max_length=MAX_FEATURES)
+    test_share: float = Field(gt=0.0, lt=1.0)
+
+
+class SketchRequest(_BoostSpec):
+    """``query.gbdt_sketch``: count training rows over the common grid (and the labels)."""
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if not len(self.features) == len(self.mean) == len(self.std):
+            raise ValueError("features, mean and std differ in length")
+        if not all(math.isfinite(v) for v in self.mean) or not all(
+            math.isfinite(s) and s > 0 for s in self.std
+        ):
+            raise ValueError("scaler must be finite with positive standard deviations")
+        return self
+
+
+class _Model(_BoostSpec):
+    session_id: str = Field(pattern=SESSION)
+    edges: list[list[float]] = Field(max_length=MAX_FEATURES)
+    base_margin: float = Field(ge=-30.0, le=30.0)
+    depth: int = Field(ge=1, le=MAX_DEPTH)
+
+    @model_validator(mode="after")
+    def _edges(self) -> Self:
+        if len(self.edges) != len(self.features):
+            raise ValueError("one edge list per feature is required")
+        for e in self.edges:
+            if len(e) > MAX_BINS - 1:
+                raise ValueError(f"more than {MAX_BINS} bins for a feature")
+            if not all(math.isfinite(v) for v in e) or bool(np.any(np.diff(e) <= 0)):
+                raise ValueError("bin edges must be finite and strictly increasing")
+        return self
+
+    @property
+    def bins(self) -> int:
+        return bins_needed(self.edges)
+
+    def _check_tree(self, tree: Tree, what: str) -> None:
+        if len(tree.feature) != heap_size(self.depth):
+            raise ValueError(f"{what} is not a tree of depth {self.depth}")
+        try:
+            tree.check_against(len(self.features), self.bins)
+        except ProtocolError as exc:
+            raise ValueError(f"{what}: {exc}") from exc
+
+
+class LevelRequest(_Model):
+    """``query.gbdt_level``: histograms of the listed nodes at one level of tree ``tree``.
+
+    ``current`` holds the splits chosen so far in this tree; ``previous`` the finished tree
+    before it (sent with level 0 of every tree but the first), which the platform adds to its
+    running scores first.
+    """
+
+    tree: int = Field(ge=0, le=100_000)
+    level: int = Field(ge=0, lt=MAX_DEPTH)
+    nodes: list[int] = Field(min_length=1, max_length=2 ** (MAX_DEPTH - 1))
+    current: Tree
+    previous: Tree | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.level >= self.depth:
+            raise ValueError("level beyond the tree depth")
+        first, last = 2**self.level - 1, 2 ** (self.level + 1) - 2
+        if any(not first <= n <= last for n in self.nodes) or len(set(self.nodes)) != len(
+            self.nodes
+        ):
+            raise ValueError(f"nodes must be distinct nodes of level {self.level}")
+        self._check_tree(self.current, "current")
+        if (self.previous is None) != (self.level != 0 or self.tree == 0):
+            raise ValueError("the previous tree travels with level 0 of every tree but the first")
+        if self.previous is not None:
+            self._check_tree(self.previous, "previous")
+        return self
+
+
+class EvaluateRequest(_Model):
+    """``query.gbdt_evaluate``: score held-out and training rows with the whole model."""
+
+    trees: list[Tree] = Field(max_length=100_000)
+
+    @model_validator(mode="after")
+    def _trees(self) -> Self:
+        for i, tree in enumerate(self.trees):
+            self._check_tree(tree, f"tree {i}")
+        return self
+
+
+def model_margin(
+    binned: np.ndarray, base_margin: float, trees: list[Tree], depth: int
+) -> np.ndarray:
+    margin = np.full(len(binned), base_margin, dtype=np.float64)
+    for tree in trees:
+        margin += tree_output(tree, binned)
+    return margin
+
+
+# -- named arrays (the shape every per-platform sum takes) ----------------------------------
+
+
+def check_named_arrays(
+    arrays: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    non_negative: tuple[str, ...] = (),
+    what: str = "reply",
+) -> dict[str, np.ndarray]:
+    """Exactly the expected names and shapes, finite float values; else ProtocolError."""
+    if set(arrays) != set(expected):
+        raise ProtocolError(
+            f"{what}: arrays {sorted(arrays)} where {sorted(expected)} were expected"
+        )
+    out = {}
+    for name, shape in expected.items():
+        value = np.asarray(arrays[name])
+        if value.shape != shape or value.dtype.kind not in "fiu":
+            raise ProtocolError(f"{what}: {name} has shape {value.shape}, expected {shape}")
+        value = value.astype(np.float64)
+        if not np.isfinite(value).all():
+            raise ProtocolError(f"{what}: {name} holds non-finite values")
+        if name in non_negative and (value < 0).any():
+            raise ProtocolError(f"{what}: {name} holds negative sums")
+        out[name] = value
+    return out
+
+
+# -- the pooled yardstick ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoostParams:
+    trees: int = 100
+    depth: int = 5
+    learning_rate: float = 0.1
+    bins: int = 64
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "trees": self.trees,
+            "depth": self.depth,
+            "learning_rate": self.learning_rate,
+            "bins": self.bins,
+            "l2": L2,
+            "min_child_rows": MIN_CHILD_ROWS,
+        }
+
+
+def pooled_edges(X: np.ndarray, bins: int) -> list[list[float]]:
+    """The edges the federation would agree on, computed from pooled rows (same sums)."""
+    mean = X.mean(axis=0)
+    std = X.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return edges_from_counts(sketch_counts(X, mean, std), mean, std, bins)
+
+
+def pooled_fit(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    params: BoostParams,
+    edges: list[list[float]] | None = None,
+) -> tuple[Any, list[list[float]], float]:
+    """scikit-learn's HistGradientBoostingClassifier on the same bins and tree shape.
+
+    The rows are binned with the federation's edges first, so scikit-learn sees each bin as
+    one distinct value (fewer than its 255 bins) and splits on exactly the same thresholds.
+    Same depth, learning rate, number of trees, L2 and minimum leaf size; no early stopping.
+    Returns the model, the edges and the seconds per boosting round.
+    """
+    import time
+
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    edges = edges if edges is not None else pooled_edges(X_train, params.bins)
+    model = HistGradientBoostingClassifier(
+        learning_rate=params.learning_rate,
+        max_iter=params.trees,
+        max_depth=params.depth,
+        max_leaf_nodes=2**params.depth,
+        min_samples_leaf=MIN_CHILD_ROWS,
+        l2_regularization=L2,
+        max_bins=MAX_BINS,
+        early_stopping=False,
+        random_state=0,
+    )
+    t = time.perf_counter()
+    model.fit(bin_rows(X_train, edges), y_train)
+    seconds = (time.perf_counter() - t) / max(model.n_iter_, 1)
+    return model, edges, seconds
+
+
+def pooled_scores(model: Any, X: np.ndarray, edges: list[list[float]]) -> np.ndarray:
+    return model.predict_proba(bin_rows(X, edges))[:, 1]
