@@ -50,7 +50,7 @@ def _rows(
 def sketch(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     req = gbdt.SketchRequest.from_content(msg.content, "query.gbdt_sketch")
     X, y = _rows(req, ctx, data, "train")
-    counts = gbdt.sketch_counts(X, np.asarray(req.mean), np.asarray(req.std))
+    counts = gbdt.sketch_counts(X, np.asarray(req.centre), np.asarray(req.scale))
     sums = {"counts": counts, "labels": np.array([float(len(y)), float(y.sum())])}
     return _reply(sums, ctx, "query.gbdt_sketch")
 

@@ -4,10 +4,12 @@ The horizontal SecureBoost family (FATE's homo-SecureBoost, XGBoost's histogram 
 every platform holds whole rows of its own borrowers, and a tree is grown from sums only.
 
 1. **Bin edges, agreed federatedly.** Each platform counts its training rows per feature over
-   one fine common grid (``SKETCH_CELLS`` cells over ``asinh`` of the federally standardised
-   value, so heavy tails get resolution where the mass is); the bureau adds the counts and
-   reads at most ``bins - 1`` quantile edges per feature off the sum. Counts are sums, so
-   they can be protected like every other sum; no row, minimum or maximum leaves a platform.
+   one fine common grid (``SKETCH_CELLS`` cells, linear near the grid's centre and
+   logarithmic beyond, so heavy tails keep resolution where the mass is); the bureau adds the
+   counts. A first grid is centred on the federated mean; a second on the median read off
+   the first sum, scaled by its quartiles; the bureau reads at most ``bins - 1`` quantile
+   edges per feature off the second sum. Counts are sums, so they can be protected like
+   every other sum; no row, minimum or maximum leaves a platform.
 2. **One message per tree level.** Each platform sends, per requested node, feature and bin,
    the summed gradient, hessian and row count of its rows (logistic loss). The bureau adds
    them, finds each node's best split, and asks next for the smaller child of every split
@@ -37,7 +39,11 @@ from pydantic import Field, model_validator
 from protocols.messages import MAX_FEATURES, FeatureName, Payload, ProtocolError
 
 SKETCH_CELLS = 2048
-SKETCH_RANGE = math.asinh(1e6)  # |standardised value| up to a million std; beyond: end cells
+# The grid is linear within 1/SKETCH_GAIN of a scale unit around its centre and logarithmic
+# beyond (about 2 % relative steps), out to a hundred million scale units: heavy tails keep
+# resolution wherever the mass is.
+SKETCH_GAIN = 100.0
+SKETCH_RANGE = math.asinh(SKETCH_GAIN * 1e6)
 MAX_BINS = 255
 MAX_DEPTH = 8
 L2 = 1.0  # ridge on leaf values (XGBoost's lambda)
@@ -53,20 +59,54 @@ def _cell_width() -> float:
     return 2 * SKETCH_RANGE / SKETCH_CELLS
 
 
-def sketch_counts(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def sketch_counts(X: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Row counts per (feature, grid cell): the platform's contribution to the bin edges."""
     X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2 or X.shape[1] != len(mean):
+    if X.ndim != 2 or X.shape[1] != len(centre):
         raise ValueError("rows do not match the feature list")
-    z = np.arcsinh((np.nan_to_num(X) - mean) / std)
-    cells = np.clip(np.floor((z + SKETCH_RANGE) / _cell_width()), 0, SKETCH_CELLS - 1)
+    u = np.arcsinh(SKETCH_GAIN * (np.nan_to_num(X) - centre) / scale)
+    cells = np.clip(np.floor((u + SKETCH_RANGE) / _cell_width()), 0, SKETCH_CELLS - 1)
     flat = cells.astype(np.int64) + np.arange(X.shape[1]) * SKETCH_CELLS
     counts = np.bincount(flat.ravel(), minlength=X.shape[1] * SKETCH_CELLS)
     return counts.reshape(X.shape[1], SKETCH_CELLS).astype(np.float64)
 
 
+def _cell_upper(cells: np.ndarray, centre: float, scale: float) -> np.ndarray:
+    """The value at the upper boundary of each grid cell."""
+    u = -SKETCH_RANGE + (np.asarray(cells) + 1) * _cell_width()
+    return centre + scale * np.sinh(u) / SKETCH_GAIN
+
+
+def _quantile_cells(row: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    cum = np.cumsum(row)
+    return np.searchsorted(cum, cum[-1] * shares, side="left")
+
+
+def recentre(
+    counts: np.ndarray, centre: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Median and robust scale (IQR / 1.349) per feature, read off a first sketch.
+
+    The second sketch is centred there, so a skewed feature whose mean sits far out in its
+    tail (money) gets its finest cells where its borrowers are. A feature whose quartiles
+    coincide (a rare flag) keeps its first scale.
+    """
+    new_centre, new_scale = centre.astype(np.float64).copy(), scale.astype(np.float64).copy()
+    for f in range(counts.shape[0]):
+        row = np.clip(counts[f], 0, None)
+        if row.sum() <= 0:
+            continue
+        q25, q50, q75 = _cell_upper(
+            _quantile_cells(row, np.array([0.25, 0.5, 0.75])), centre[f], scale[f]
+        )
+        new_centre[f] = q50
+        if q75 - q25 > 0 and math.isfinite(q75 - q25):
+            new_scale[f] = (q75 - q25) / 1.349
+    return new_centre, new_scale
+
+
 def edges_from_counts(
-    counts: np.ndarray, mean: np.ndarray, std: np.ndarray, max_bins: int
+    counts: np.ndarray, centre: np.ndarray, scale: np.ndarray, max_bins: int
 ) -> list[list[float]]:
     """At most ``max_bins - 1`` increasing edges per feature from the summed cell counts.
 
@@ -74,7 +114,6 @@ def edges_from_counts(
     pair of occupied cells, as scikit-learn does for features with few distinct values;
     otherwise edges sit at the upper boundary of the cell where each quantile falls.
     """
-    width = _cell_width()
     out: list[list[float]] = []
     for f in range(counts.shape[0]):
         row = np.clip(counts[f], 0, None)
@@ -85,12 +124,9 @@ def edges_from_counts(
         if len(occupied) <= max_bins:
             cells = occupied[:-1]
         else:
-            cum = np.cumsum(row)
-            targets = cum[-1] * np.arange(1, max_bins) / max_bins
-            cells = np.unique(np.searchsorted(cum, targets, side="left"))
+            cells = np.unique(_quantile_cells(row, np.arange(1, max_bins) / max_bins))
             cells = cells[cells < occupied[-1]]
-        upper = -SKETCH_RANGE + (cells + 1) * width
-        values = mean[f] + std[f] * np.sinh(upper)
+        values = _cell_upper(cells, centre[f], scale[f])
         out.append(sorted({float(v) for v in values if math.isfinite(v)}))
     return out
 
@@ -249,19 +285,23 @@ class _BoostSpec(Payload):
 
 
 class SketchRequest(_BoostSpec):
-    """``query.gbdt_sketch``: count training rows over the common grid (and the labels)."""
+    """``query.gbdt_sketch``: count training rows over the common grid (and the labels).
 
-    mean: list[float]
-    std: list[float]
+    Sent twice: centred on the federated mean and scaled by the standard deviation, then
+    centred on the median and scaled by the quartiles read off the first sum.
+    """
+
+    centre: list[float]
+    scale: list[float]
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:
-        if not len(self.features) == len(self.mean) == len(self.std):
-            raise ValueError("features, mean and std differ in length")
-        if not all(math.isfinite(v) for v in self.mean) or not all(
-            math.isfinite(s) and s > 0 for s in self.std
+        if not len(self.features) == len(self.centre) == len(self.scale):
+            raise ValueError("features, centre and scale differ in length")
+        if not all(math.isfinite(v) for v in self.centre) or not all(
+            math.isfinite(s) and s > 0 for s in self.scale
         ):
-            raise ValueError("scaler must be finite with positive standard deviations")
+            raise ValueError("grid centre and scale must be finite, scales positive")
         return self
 
 
@@ -401,7 +441,8 @@ def pooled_edges(X: np.ndarray, bins: int) -> list[list[float]]:
     mean = X.mean(axis=0)
     std = X.std(axis=0)
     std = np.where(std > 0, std, 1.0)
-    return edges_from_counts(sketch_counts(X, mean, std), mean, std, bins)
+    centre, scale = recentre(sketch_counts(X, mean, std), mean, std)
+    return edges_from_counts(sketch_counts(X, centre, scale), centre, scale, bins)
 
 
 def pooled_fit(

@@ -166,22 +166,26 @@ def agree_bins(
 ) -> tuple[Scaler, list[list[float]], float]:
     """Federated scaling, then the summed grid counts: bin edges and the starting score."""
     scaler = federated_scaler(grid, nodes, feature_set, features, settings)
-    request = gbdt.SketchRequest(
-        feature_set=feature_set,
-        features=features,
-        test_share=settings.test_share,
-        mean=scaler.mean.tolist(),
-        std=scaler.std.tolist(),
-    )
-    sums = _sums(
-        grid,
-        nodes,
-        "query.gbdt_sketch",
-        request.to_content(),
-        {"counts": (len(features), gbdt.SKETCH_CELLS), "labels": (2,)},
-        settings,
-    )
-    edges = gbdt.edges_from_counts(sums["counts"], scaler.mean, scaler.std, settings.gbdt_bins)
+    centre, scale = scaler.mean, scaler.std
+    for first in (True, False):
+        request = gbdt.SketchRequest(
+            feature_set=feature_set,
+            features=features,
+            test_share=settings.test_share,
+            centre=centre.tolist(),
+            scale=scale.tolist(),
+        )
+        sums = _sums(
+            grid,
+            nodes,
+            "query.gbdt_sketch",
+            request.to_content(),
+            {"counts": (len(features), gbdt.SKETCH_CELLS), "labels": (2,)},
+            settings,
+        )
+        if first:
+            centre, scale = gbdt.recentre(sums["counts"], centre, scale)
+    edges = gbdt.edges_from_counts(sums["counts"], centre, scale, settings.gbdt_bins)
     rows, positives = sums["labels"]
     if rows <= 0:
         raise FederationError("no training rows on any platform")
