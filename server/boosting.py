@@ -300,13 +300,14 @@ def train_boosted(
         if t > 0:  # level 0 of tree t scored the model of t trees (t = 0: the prior alone)
             model.history.append(_history_entry(t, extras))
             progress.report(label, t, params.trees, f"AUC {model.history[-1]['auc']:.4f}")
-    model.per_node, model.train_per_node = evaluate_boosted(grid, nodes, model, settings)
+    model.per_node, model.train_per_node, loss = evaluate_boosted(grid, nodes, model, settings)
     final = model.histogram
     model.history.append(
         {
             "round": params.trees,
             "auc": round(final.auc(), 4),
             "ks": round(final.ks(), 4),
+            "loss": round(loss, 5),
             "brier": round(final.brier(), 6),
         }
     )
@@ -316,16 +317,25 @@ def train_boosted(
 
 def evaluate_boosted(
     grid: Grid, nodes: Sequence[int], model: BoostedModel, settings: FederationSettings
-) -> tuple[dict[int, ScoreHistogram], dict[int, ScoreHistogram]]:
+) -> tuple[dict[int, ScoreHistogram], dict[int, ScoreHistogram], float]:
+    """Per-platform held-out and training-row histograms, and the held-out log-loss."""
     request = gbdt.EvaluateRequest(**model.spec(settings), trees=model.trees)
     replies = ask_all(grid, nodes, "query.gbdt_evaluate", request.to_content(), settings.timeout)
     held_out, train = {}, {}
+    loss, rows = 0.0, 0
     for node, reply in replies.items():
         metrics = next(iter(reply.metric_records.values()))
         held_out[node] = histogram_of(metrics)
         if (part := train_histogram_of(metrics)) is not None:
             train[node] = part
-    return held_out, train
+        try:
+            count, value = int(metrics["num-examples"]), float(metrics["loss"])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FederationError(f"query.gbdt_evaluate from {node}: no loss or count") from exc
+        if count < 0 or not np.isfinite(value):
+            raise FederationError(f"query.gbdt_evaluate from {node}: malformed loss or count")
+        loss, rows = loss + value * count, rows + count
+    return held_out, train, loss / max(rows, 1)
 
 
 def save_boosted(

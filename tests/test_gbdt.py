@@ -240,6 +240,7 @@ def test_federated_boosting_matches_pooled_on_uci(uci_ledgers: list[str], tmp_pa
     assert abs(roc_auc_score(y, margin) - entry["auc"]) < 0.002
 
 
+@pytest.mark.slow
 def test_realdata_bench_on_a_uci_subsample(uci_subsample: Path) -> None:
     result = realdata.run(uci_subsample, UCI_MAPPING, "skewed", "gbdt,lr", rounds=3, boost=SMALL)
     rows = result["rows"]
