@@ -59,8 +59,27 @@ def _state(ctx: Context) -> ConfigRecord | None:
     return ctx.state.config_records.get(BOOST_STATE)
 
 
+def _edges_to_state(edges: list[list[float]]) -> dict[str, bytes]:
+    flat = np.array([v for e in edges for v in e], dtype="<f8")
+    return {
+        "edges": flat.tobytes(),
+        "edge-counts": np.array([len(e) for e in edges], "<i8").tobytes(),
+    }
+
+
+def _edges_from_state(state: ConfigRecord) -> list[list[float]]:
+    flat = np.frombuffer(state["edges"], dtype="<f8")  # type: ignore[arg-type]
+    counts = np.frombuffer(state["edge-counts"], dtype="<i8")  # type: ignore[arg-type]
+    return [part.tolist() for part in np.split(flat, np.cumsum(counts)[:-1])]
+
+
 def _save_state(
-    ctx: Context, session: str, trees: int, train: np.ndarray, test: np.ndarray
+    ctx: Context,
+    session: str,
+    trees: int,
+    train: np.ndarray,
+    test: np.ndarray,
+    edges: dict[str, bytes],
 ) -> None:
     ctx.state.config_records[BOOST_STATE] = ConfigRecord(
         {
@@ -68,44 +87,72 @@ def _save_state(
             "trees": trees,
             "train": train.astype("<f8").tobytes(),
             "test": test.astype("<f8").tobytes(),
+            **edges,
         }
     )
 
 
 _binned: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+# (location, session) -> (tree, level, heap node of every training row after ``level`` levels)
+_routes: dict[tuple[str, str], tuple[int, int, np.ndarray]] = {}
 
 
 def _binned_rows(
-    req: gbdt._Model, ctx: Context, data: PlatformData, split: str
+    req: gbdt._Model, ctx: Context, data: PlatformData, split: str, edges: list[list[float]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(bins, labels) of the train or test rows for this session's edges.
 
-    Cached in process memory for the session (a tree costs a few dozen messages); a node
-    that runs the next message in another process just bins again.
+    Cached in process memory for the session (a tree costs a few messages); a node that runs
+    the next message in another process just bins again.
     """
     key = (data.location, req.session_id, split)
     if key not in _binned:
         if len(_binned) >= 8:
             _binned.clear()
         X, y = _rows(req, ctx, data, split)
-        _binned[key] = (gbdt.bin_rows(X, req.edges), y)
+        _binned[key] = (gbdt.bin_rows(X, edges), y)
     return _binned[key]
+
+
+def _route(req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray) -> np.ndarray:
+    """Heap node of every training row at this level: one level on from the last message
+    when this process answered it, else routed from the root."""
+    key = (data.location, req.session_id)
+    cached = _routes.get(key)
+    if cached is not None and cached[:2] == (req.tree, req.level - 1) and req.level > 0:
+        node = gbdt.advance(req.current, binned, cached[2])
+    else:
+        node = gbdt.route(req.current, binned, req.level)
+    if len(_routes) >= 8:
+        _routes.clear()
+    _routes[key] = (req.tree, req.level, node)
+    return node
 
 
 def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     what = "query.gbdt_level"
     req = gbdt.LevelRequest.from_content(msg.content, what)
-    binned, y = _binned_rows(req, ctx, data, "train")
     state = _state(ctx)
     if req.level == 0 and req.tree == 0:
-        _binned.pop((data.location, req.session_id, "test"), None)
-        binned_test, y_test = _binned_rows(req, ctx, data, "test")
+        assert req.edges is not None  # validated: the first message carries them
+        edges, edge_blob = req.edges, _edges_to_state(req.edges)
+        for split in ("train", "test"):
+            _binned.pop((data.location, req.session_id, split), None)
+    else:
+        if state is None or state["session"] != req.session_id:
+            raise m.ProtocolError(f"{what}: no boosting session {req.session_id} on this platform")
+        edge_blob = {k: state[k] for k in ("edges", "edge-counts")}  # type: ignore[misc]
+        edges = _edges_from_state(state)
+        if len(edges) != len(req.features) or gbdt.bins_needed(edges) != req.bins:
+            raise m.ProtocolError(f"{what}: features or bins differ from the session's")
+    binned, y = _binned_rows(req, ctx, data, "train", edges)
+    binned_test, y_test = _binned_rows(req, ctx, data, "test", edges)
+    if req.level == 0 and req.tree == 0:
         train = np.full(len(y), req.base_margin)
         test = np.full(len(y_test), req.base_margin)
         trees = 0
     else:
-        if state is None or state["session"] != req.session_id:
-            raise m.ProtocolError(f"{what}: no boosting session {req.session_id} on this platform")
+        assert state is not None
         trees = int(state["trees"])  # type: ignore[arg-type]
         expected = req.tree - 1 if req.level == 0 else req.tree
         if trees != expected:
@@ -115,19 +162,16 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
             )
         train = np.frombuffer(state["train"], dtype="<f8").copy()  # type: ignore[arg-type]
         test = np.frombuffer(state["test"], dtype="<f8").copy()  # type: ignore[arg-type]
-        if len(train) != len(y):
+        if len(train) != len(y) or len(test) != len(y_test):
             raise m.ProtocolError(f"{what}: this platform's rows changed during the session")
         if req.previous is not None:
-            binned_test, y_test = _binned_rows(req, ctx, data, "test")
-            if len(test) != len(y_test):
-                raise m.ProtocolError(f"{what}: this platform's rows changed during the session")
             train += gbdt.tree_output(req.previous, binned)
             test += gbdt.tree_output(req.previous, binned_test)
             trees += 1
     if req.level == 0:  # a new tree: the scores moved on (or started)
-        _save_state(ctx, req.session_id, trees, train, test)
+        _save_state(ctx, req.session_id, trees, train, test, edge_blob)
     p = gbdt.sigmoid(train)
-    node = gbdt.route(req.current, binned, req.level)
+    node = _route(req, data, binned)
     sums = gbdt.node_histograms(binned, p - y, p * (1 - p), node, req.nodes, req.bins)
     if req.level == 0:
         # The model so far on the held-out rows, as sums: the bureau's per-tree history.
@@ -149,7 +193,7 @@ def evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     for split, prefix in (("test", "hist"), ("train", "train-hist")):
         X, y = _rows(req, ctx, data, split)
         margin = gbdt.model_margin(
-            gbdt.bin_rows(X, req.edges), req.base_margin, req.trees, req.depth
+            gbdt.bin_rows(X, req.edges or []), req.base_margin, req.trees, req.depth
         )
         hist = ScoreHistogram.of(gbdt.sigmoid(margin), y)
         out[f"{prefix}-pos"] = hist.positives.tolist()

@@ -199,6 +199,16 @@ def route(tree: Tree, binned: np.ndarray, levels: int | None = None) -> np.ndarr
     return node
 
 
+def advance(tree: Tree, binned: np.ndarray, node: np.ndarray) -> np.ndarray:
+    """Rows at ``node`` one level further down ``tree`` (rows at a leaf stay)."""
+    feature = np.asarray(tree.feature, dtype=np.int64)
+    threshold = np.asarray(tree.threshold, dtype=np.int64)
+    f = feature[node]
+    internal = f >= 0
+    right = binned[np.arange(len(binned)), np.where(internal, f, 0)] > threshold[node]
+    return np.where(internal, 2 * node + 1 + right, node)
+
+
 def tree_output(tree: Tree, binned: np.ndarray) -> np.ndarray:
     return np.asarray(tree.value, dtype=np.float64)[route(tree, binned)]
 
@@ -307,27 +317,29 @@ class SketchRequest(_BoostSpec):
 
 class _Model(_BoostSpec):
     session_id: str = Field(pattern=SESSION)
-    edges: list[list[float]] = Field(max_length=MAX_FEATURES)
+    # Sent once per session (and with the whole model): the platform keeps them in its state.
+    edges: list[list[float]] | None = Field(default=None, max_length=MAX_FEATURES)
+    bins: int = Field(ge=2, le=MAX_BINS)
     base_margin: float = Field(ge=-30.0, le=30.0)
     depth: int = Field(ge=1, le=MAX_DEPTH)
 
     @model_validator(mode="after")
     def _edges(self) -> Self:
+        if self.edges is None:
+            return self
         if len(self.edges) != len(self.features):
             raise ValueError("one edge list per feature is required")
+        if bins_needed(self.edges) != self.bins:
+            raise ValueError("bins does not match the edges")
         if max((len(e) for e in self.edges), default=0) > MAX_BINS - 1:
             raise ValueError(f"more than {MAX_BINS} bins for a feature")
-        flat = np.fromiter((v for e in self.edges for v in e), dtype=np.float64)
+        flat = np.array([v for e in self.edges for v in e], dtype=np.float64)
         ends = np.cumsum([len(e) for e in self.edges])[:-1]  # first edge of each next list
         rising = np.diff(flat) > 0
         rising[ends[(ends > 0) & (ends < len(flat))] - 1] = True  # across lists: not compared
         if not np.isfinite(flat).all() or not rising.all():
             raise ValueError("bin edges must be finite and strictly increasing")
         return self
-
-    @property
-    def bins(self) -> int:
-        return bins_needed(self.edges)
 
     def _check_tree(self, tree: Tree, what: str) -> None:
         if len(tree.feature) != heap_size(self.depth):
@@ -364,6 +376,8 @@ class LevelRequest(_Model):
         self._check_tree(self.current, "current")
         if (self.previous is None) != (self.level != 0 or self.tree == 0):
             raise ValueError("the previous tree travels with level 0 of every tree but the first")
+        if (self.edges is None) == (self.tree == 0 and self.level == 0):
+            raise ValueError("the bin edges travel with the first message of a session only")
         if self.previous is not None:
             self._check_tree(self.previous, "previous")
         return self
@@ -376,6 +390,8 @@ class EvaluateRequest(_Model):
 
     @model_validator(mode="after")
     def _trees(self) -> Self:
+        if self.edges is None:
+            raise ValueError("the model's bin edges are missing")
         for i, tree in enumerate(self.trees):
             self._check_tree(tree, f"tree {i}")
         return self

@@ -136,6 +136,7 @@ class BoostedModel:
             "test_share": settings.test_share,
             "session_id": self.session_id,
             "edges": self.edges,
+            "bins": gbdt.bins_needed(self.edges),
             "base_margin": self.base_margin,
             "depth": self.params.depth,
         }
@@ -210,8 +211,9 @@ def _grow_tree(
     extras: dict[str, np.ndarray] = {}
     for level in range(depth):
         current = gbdt.Tree(feature=list(feature), threshold=list(threshold), value=list(value))
+        first = level == 0 and not model.trees
         request = gbdt.LevelRequest(
-            **model.spec(settings),
+            **{**model.spec(settings), "edges": model.edges if first else None},
             tree=len(model.trees),
             level=level,
             nodes=ask,

@@ -121,6 +121,7 @@ def _level(**overrides: object) -> dict[str, object]:
         "test_share": 0.3,
         "session_id": "0" * 32,
         "edges": [[0.0, 1.0], [2.0]],
+        "bins": 3,
         "base_margin": -1.0,
         "depth": 2,
         "tree": 0,
@@ -138,9 +139,11 @@ def _level(**overrides: object) -> dict[str, object]:
         ({"edges": [[0.0, float("nan")], [2.0]]}, "finite"),
         ({"edges": [[0.0]]}, "one edge list per feature"),
         ({"nodes": [1]}, "nodes of level 0"),
-        ({"level": 1, "nodes": [1, 1]}, "distinct"),
+        ({"level": 1, "nodes": [1, 1], "edges": None}, "distinct"),
         ({"level": 2}, "beyond the tree depth"),
         ({"tree": 3}, "previous tree travels"),
+        ({"level": 1, "nodes": [1]}, "edges travel with the first message"),
+        ({"bins": 7}, "bins does not match"),
         (
             {"current": {"feature": [0, -1, 1], "threshold": [0, 0, 0], "value": [0, 0, 0]}},
             "no children",
@@ -188,7 +191,7 @@ def test_a_level_out_of_sequence_is_refused_by_the_platform(uci_ledgers: list[st
     grid = InProcessGrid(app, 3)
     features = ["age", "age_missing"]
     request = gbdt.LevelRequest.model_validate(
-        {**_level(features=features, edges=[[30.0, 40.0], [0.5]], tree=4, level=1, nodes=[1])}
+        {**_level(features=features, edges=None, tree=4, level=1, nodes=[1])}
     )
     context = next(iter(grid.contexts.values()))
     reply = app(
