@@ -584,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", choices=["random", "skewed"], default="random", help="realdata: platform split"
     )
     bench.add_argument("--model", help="realdata: model kinds (default gbdt,mlp,lr)")
+    bench.add_argument("--report-dir", help="realdata: also write realdata.json, .md and .png")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -345,7 +345,7 @@ def from_args(args: Any) -> dict[str, Any]:
     if not 1 <= args.rounds <= 500:
         raise UsageError("--rounds must be between 1 and 500")
     try:
-        return run(
+        result = run(
             csv_path,
             mapping_path,
             split=args.split,
@@ -355,3 +355,8 @@ def from_args(args: Any) -> dict[str, Any]:
         )
     except (ImportValidationError, RealDataError, tomllib.TOMLDecodeError, ValueError) as exc:
         raise UsageError(f"realdata: {exc}") from None
+    if getattr(args, "report_dir", None):
+        from fedcredit.bench import realdata_report
+
+        realdata_report.write(result, Path(args.report_dir))
+    return result
