@@ -35,7 +35,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"best federated {result['best_federated_auc']:.4f} ({result['best_federated_model']}): "
         f"gap {result['best_gap']:+.4f}.",
         "",
-        "| platform | rows (train/test) | default rate | best local-only AUC | best federated AUC |",
+        "| platform | rows (train/test) | default rate | best local-only AUC "
+        "| best federated AUC |",
         "|---|---|---|---|---|",
     ]
     for name, entry in result["local_only"].items():
@@ -49,8 +50,9 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"Boosting round: federated {cost['federated'] * 1000:.1f} ms "
             f"({cost['federated_platforms_in_parallel'] * 1000:.1f} ms with the platforms in "
-            f"parallel), pooled HistGradientBoosting {cost['pooled_histgradientboosting'] * 1000:.1f}"
-            f" ms: {cost['ratio_federated_over_pooled']}x "
+            f"parallel), pooled HistGradientBoosting "
+            f"{cost['pooled_histgradientboosting'] * 1000:.1f} ms: "
+            f"{cost['ratio_federated_over_pooled']}x "
             f"({cost['ratio_platforms_in_parallel']}x).",
         ]
     return "\n".join(lines) + "\n"
