@@ -238,6 +238,15 @@ def node_histograms(
     base, rows = slot[keep] * bins, binned[keep]
     g, h = grad[keep], hess[keep]
     size, F = len(nodes) * bins, binned.shape[1]
+    if len(keep) * F < 50_000:
+        # Few rows: one pass over every (row, feature) beats a Python loop over features.
+        flat = ((slot[keep, None] * F + np.arange(F)) * bins + rows).ravel()
+        shape = (len(nodes), F, bins)
+        return {
+            "grad": np.bincount(flat, np.repeat(g, F), size * F).reshape(shape),
+            "hess": np.bincount(flat, np.repeat(h, F), size * F).reshape(shape),
+            "count": np.bincount(flat, minlength=size * F).reshape(shape).astype(np.float64),
+        }
     out = {k: np.empty((len(nodes), F, bins)) for k in ("grad", "hess", "count")}
     for f in range(F):  # one feature at a time: no (rows x features) temporaries
         idx = base + rows[:, f]

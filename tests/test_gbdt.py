@@ -99,6 +99,23 @@ def test_summed_sketches_give_the_pooled_edges() -> None:
     assert counts.min() > 0.5 * len(X) / 16  # quantile bins of a heavy tail are balanced
 
 
+@pytest.mark.parametrize("rows", [100, 5000])  # one pass over all features; one per feature
+def test_node_histograms_are_the_per_node_sums(rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    features, bins = 20, 16
+    binned = rng.integers(0, bins, (rows, features))
+    grad, hess, node = rng.random(rows), rng.random(rows), rng.integers(3, 7, rows)
+    got = gbdt.node_histograms(binned, grad, hess, node, [5, 3], bins)
+    for name, weights in (("grad", grad), ("hess", hess), ("count", np.ones(rows))):
+        for slot, wanted in enumerate([5, 3]):
+            at = node == wanted
+            expected = [
+                np.bincount(binned[at, f], weights=weights[at], minlength=bins)
+                for f in range(features)
+            ]
+            assert np.allclose(got[name][slot], expected), (name, wanted)
+
+
 def test_best_split_finds_the_informative_feature() -> None:
     rng = np.random.default_rng(2)
     bins = rng.integers(0, 8, size=(2000, 2))
