@@ -14,6 +14,8 @@ masks are added (identity until the secure summation of training sums is plugged
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
@@ -59,11 +61,12 @@ def _state(ctx: Context) -> ConfigRecord | None:
     return ctx.state.config_records.get(BOOST_STATE)
 
 
-def _edges_to_state(edges: list[list[float]]) -> dict[str, bytes]:
+def _edges_to_state(edges: list[list[float]]) -> dict[str, bytes | int]:
     flat = np.array([v for e in edges for v in e], dtype="<f8")
     return {
         "edges": flat.tobytes(),
         "edge-counts": np.array([len(e) for e in edges], "<i8").tobytes(),
+        "bins": gbdt.bins_needed(edges),
     }
 
 
@@ -79,7 +82,7 @@ def _save_state(
     trees: int,
     train: np.ndarray,
     test: np.ndarray,
-    edges: dict[str, bytes],
+    edges: dict[str, bytes | int],
 ) -> None:
     ctx.state.config_records[BOOST_STATE] = ConfigRecord(
         {
@@ -98,19 +101,23 @@ _routes: dict[tuple[str, str], tuple[int, int, np.ndarray]] = {}
 
 
 def _binned_rows(
-    req: gbdt._Model, ctx: Context, data: PlatformData, split: str, edges: list[list[float]]
+    req: gbdt._Model,
+    ctx: Context,
+    data: PlatformData,
+    split: str,
+    edges: Callable[[], list[list[float]]],
 ) -> tuple[np.ndarray, np.ndarray]:
     """(bins, labels) of the train or test rows for this session's edges.
 
     Cached in process memory for the session (a tree costs a few messages); a node that runs
-    the next message in another process just bins again.
+    the next message in another process just reads the edges from its state and bins again.
     """
     key = (data.location, req.session_id, split)
     if key not in _binned:
         if len(_binned) >= 8:
             _binned.clear()
         X, y = _rows(req, ctx, data, split)
-        _binned[key] = (gbdt.bin_rows(X, edges), y)
+        _binned[key] = (gbdt.bin_rows(X, edges()), y)
     return _binned[key]
 
 
@@ -134,17 +141,20 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     req = gbdt.LevelRequest.from_content(msg.content, what)
     state = _state(ctx)
     if req.level == 0 and req.tree == 0:
-        assert req.edges is not None  # validated: the first message carries them
-        edges, edge_blob = req.edges, _edges_to_state(req.edges)
+        first = req.edges
+        assert first is not None  # validated: the first message carries them
+        edges, edge_blob = (lambda: first), _edges_to_state(first)
         for split in ("train", "test"):
             _binned.pop((data.location, req.session_id, split), None)
     else:
         if state is None or state["session"] != req.session_id:
             raise m.ProtocolError(f"{what}: no boosting session {req.session_id} on this platform")
-        edge_blob = {k: state[k] for k in ("edges", "edge-counts")}  # type: ignore[misc]
-        edges = _edges_from_state(state)
-        if len(edges) != len(req.features) or gbdt.bins_needed(edges) != req.bins:
+        edge_blob = {k: state[k] for k in ("edges", "edge-counts", "bins")}  # type: ignore[misc]
+        counts = np.frombuffer(state["edge-counts"], dtype="<i8")  # type: ignore[arg-type]
+        if len(counts) != len(req.features) or state["bins"] != req.bins:
             raise m.ProtocolError(f"{what}: features or bins differ from the session's")
+        saved = state
+        edges = lambda: _edges_from_state(saved)  # noqa: E731 (read only on a cache miss)
     binned, y = _binned_rows(req, ctx, data, "train", edges)
     binned_test, y_test = _binned_rows(req, ctx, data, "test", edges)
     if req.level == 0 and req.tree == 0:

@@ -260,6 +260,28 @@ def test_federated_boosting_matches_pooled_on_uci(uci_ledgers: list[str], tmp_pa
     assert abs(roc_auc_score(y, margin) - entry["auc"]) < 0.002
 
 
+def test_boosting_needs_only_node_state_between_messages(
+    uci_ledgers: list[str], tmp_path: Path
+) -> None:
+    """A SuperNode may run every message in a fresh process: with every in-process cache
+    dropped before each message, the model is the same."""
+    from clients import boosting
+
+    def fresh_process(msg, context, call_next):  # type: ignore[no-untyped-def]
+        boosting._binned.clear()
+        boosting._routes.clear()
+        return call_next(msg, context)
+
+    runs = []
+    for mods in ([], [fresh_process]):
+        grid = InProcessGrid(build_client_app(uci_ledgers, mods=mods), 3)
+        settings = _settings(tmp_path / str(len(mods)), **{"gbdt-trees": 3})
+        runs.append(run_federation(grid, settings)["models"]["gbdt"]["local"])
+    assert runs[0]["history"] == runs[1]["history"]
+    trees = [json.loads(Path(r["files"]["weights"]).read_text())["trees"] for r in runs]
+    assert trees[0] == trees[1]
+
+
 @pytest.mark.slow
 def test_realdata_bench_on_a_uci_subsample(uci_subsample: Path) -> None:
     result = realdata.run(uci_subsample, UCI_MAPPING, "skewed", "gbdt,lr", rounds=3, boost=SMALL)
