@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from clients.platform_data import PlatformData
 from protocols import gbdt
@@ -34,11 +34,7 @@ def protect(arrays: dict[str, np.ndarray], _ctx: Context, _what: str) -> dict[st
 
 
 def _reply(arrays: dict[str, np.ndarray], ctx: Context, what: str) -> RecordDict:
-    masked = protect(arrays, ctx, what)
-    record = ArrayRecord(
-        {k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in masked.items()}
-    )
-    return RecordDict({SUMS_KEY: record})
+    return RecordDict({SUMS_KEY: gbdt.arrays_to_record(protect(arrays, ctx, what))})
 
 
 def _rows(

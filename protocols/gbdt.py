@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 from pydantic import Field, model_validator
 
 from protocols.messages import MAX_FEATURES, FeatureName, Payload, ProtocolError
@@ -416,6 +417,38 @@ def model_margin(
 
 
 # -- named arrays (the shape every per-platform sum takes) ----------------------------------
+
+WIRE_STYPE = "fedcredit.f8le"  # raw little-endian float64: no pickle, no header to parse
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Named float arrays as a Flower ArrayRecord of raw little-endian float64 bytes."""
+    return ArrayRecord(
+        {
+            name: Array(
+                dtype="<f8",
+                shape=tuple(int(d) for d in np.shape(value)),
+                stype=WIRE_STYPE,
+                data=np.ascontiguousarray(value, dtype="<f8").tobytes(),
+            )
+            for name, value in arrays.items()
+        }
+    )
+
+
+def arrays_from_record(record: ArrayRecord, what: str) -> dict[str, np.ndarray]:
+    """The inverse of ``arrays_to_record``; anything else is refused (ProtocolError)."""
+    out = {}
+    for name, array in record.items():
+        if array.stype != WIRE_STYPE or array.dtype != "<f8":
+            raise ProtocolError(f"{what}: {name} is not raw float64 ({array.stype}, {array.dtype})")
+        shape = tuple(array.shape)
+        if any(not isinstance(d, int) or d < 0 for d in shape):
+            raise ProtocolError(f"{what}: {name} has a malformed shape")
+        if len(array.data) != 8 * math.prod(shape):
+            raise ProtocolError(f"{what}: {name} holds {len(array.data)} bytes for shape {shape}")
+        out[name] = np.frombuffer(array.data, dtype="<f8").reshape(shape)
+    return out
 
 
 def check_named_arrays(

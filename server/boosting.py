@@ -81,8 +81,8 @@ def _sums(
         record = reply.array_records.get(SUMS_KEY)
         if record is None:
             raise FederationError(f"{message_type}: node {node} sent no {SUMS_KEY!r} record")
-        arrays = {name: array.numpy() for name, array in record.items()}
         try:
+            arrays = gbdt.arrays_from_record(record, f"{message_type} from {node}")
             parts[node] = gbdt.check_named_arrays(
                 arrays,
                 expected,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from clients.app import ERROR_REFUSED, build_client_app
 from fedcredit.bench import realdata
@@ -197,6 +197,14 @@ def test_named_sums_are_checked_before_they_are_added() -> None:
         gbdt.check_named_arrays({**good, "grad": np.full((1, 2, 3), np.inf)}, shapes)
     with pytest.raises(ProtocolError, match="expected"):
         gbdt.check_named_arrays({"grad": good["grad"]}, shapes)
+    record = gbdt.arrays_to_record(good)
+    assert np.array_equal(gbdt.arrays_from_record(record, "reply")["hess"], good["hess"])
+    forged = ArrayRecord({"grad": Array(np.zeros((1, 2, 3)))})  # numpy's pickle-able format
+    with pytest.raises(ProtocolError, match="not raw float64"):
+        gbdt.arrays_from_record(forged, "reply")
+    short = ArrayRecord({"grad": Array("<f8", (1, 2, 3), gbdt.WIRE_STYPE, b"\0" * 40)})
+    with pytest.raises(ProtocolError, match="40 bytes"):
+        gbdt.arrays_from_record(short, "reply")
     total = aggregate({1: good, 2: good})
     assert total["hess"].sum() == 12
     with pytest.raises(FederationError, match="different sets"):
