@@ -337,3 +337,38 @@ def test_boosting_on_the_simulation_engine(uci_ledgers: list[str], tmp_path: Pat
     entry = summary["models"]["gbdt"]["local"]
     assert entry["auc"] > 0.70 and len(entry["history"]) == 4
     assert (out / "model-gbdt-local.trees.json").exists()
+
+
+def test_realdata_cli_refuses_bad_arguments(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    cases = [
+        (["--mapping", str(UCI_MAPPING)], "needs --csv"),
+        (["--csv", str(tmp_path / "none.csv"), "--mapping", str(UCI_MAPPING)], "no such file"),
+        (["--csv", str(UCI_MAPPING), "--mapping", str(UCI_MAPPING), "--model", "svm"], "model"),
+    ]
+    for extra, message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedcredit", "bench", "realdata", *extra, "--json"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert message in proc.stderr, (extra, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def test_skewed_split_sizes_and_default_rates() -> None:
+    labels = (np.random.default_rng(3).random(20_000) < 0.2).astype(np.int64)
+    platform = realdata.assign_platforms(labels, "skewed", 0)
+    sizes = np.bincount(platform, minlength=3) / len(labels)
+    assert np.allclose(sizes, realdata.SKEWED_SIZES, atol=0.01)
+    bad = np.bincount(platform[labels == 1], minlength=3) / labels.sum()
+    assert np.allclose(bad, realdata.SKEWED_DEFAULTERS, atol=0.02)
+    even = np.bincount(realdata.assign_platforms(labels, "random", 0), minlength=3)
+    assert even.max() - even.min() <= 1
