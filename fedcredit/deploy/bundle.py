@@ -318,6 +318,10 @@ def init(
             pdir / "policy.toml",
             PlatformPolicy(
                 lenders=lender_names,
+                lender_keys={
+                    n: (out / "lenders" / f"{n}.pub").read_text(encoding="utf-8").strip()
+                    for n in lender_names
+                },
                 purposes=list(purposes),
                 rate_limit_per_lender_per_hour=rate_limit_per_lender_per_hour,
                 max_batch=max_batch,

@@ -1,0 +1,164 @@
+"""The platform's handlers for lender questions (docs/lender-query.md).
+
+* ``query.serve_start`` / ``query.serve_done``: private matching exactly as
+  ``query.match_start`` / ``query.match_done`` (``query.match_blind`` re-blinds), except that
+  the platform keeps its session secret until the session's lifetime ends, to re-blind
+  lenders' applicants into the session's pseudonyms.
+* ``query.lender_blind``: one hop of a lender question. The platform checks every consent
+  record against its own policy (``clients/lender_policy.py``), applies its session secret to
+  the accepted elements, logs the question in its hash-chained query log (lender, purpose,
+  counts, a digest of what it received; never an element), and answers. It sees only
+  uniformly random elements, so it cannot tell whether an applicant is its customer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import Callable
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients import matching
+from clients.lender_policy import LENDER_KIND, decide, policy_at
+from clients.node_identity import node_identity
+from clients.platform_data import PlatformData
+from clients.query_log import query_log_for
+from protocols import blinding
+from protocols import lender_messages as lm
+from protocols import messages as m
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message, Context, PlatformData], RecordDict]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _serve_start(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    what = "query.serve_start"
+    req = lm.ServeStart.from_content(msg.content, what)
+    node = node_identity(ctx, data)
+    if node.name not in req.participants:
+        raise m.ProtocolError(f"{what}: this platform ({node.name}) is not a participant")
+    unknown = [p for p in req.participants if p not in node.roster.platforms]
+    if unknown:
+        raise m.ProtocolError(f"{what}: participants not enrolled in the roster: {unknown}")
+    audit = query_log_for(data.location)
+    if audit.answered(req.session_id):
+        raise m.ProtocolError(f"{what}: session {req.session_id} already started (replay)")
+    until = int(_now().timestamp()) + req.lifetime_s
+    session, blob = matching.start_session(
+        ctx, req.session_id, req.participants, data.features.tokens, serving_until=until
+    )
+    audit.append(
+        req.session_id,
+        "serve_start",
+        "answered",
+        {
+            "participants": list(req.participants),
+            "elements": len(session.perm),
+            "lifetime_s": req.lifetime_s,
+        },
+    )
+    return m.MatchElements(
+        session_id=req.session_id, origin=node.name, count=len(session.perm), elements=blob
+    ).to_content()
+
+
+def _serve_done(msg: Message, ctx: Context, _data: PlatformData) -> RecordDict:
+    what = "query.serve_done"
+    req = m.MatchDone.from_content(msg.content, what)
+    session = matching.load_session(ctx, req.session_id, what)
+    if not session.serving_until:
+        raise m.ProtocolError(f"{what}: session {req.session_id} is not a serving session")
+    if session.fully:
+        raise m.ProtocolError(f"{what}: session {req.session_id} is already finished")
+    if req.count != len(session.perm):
+        raise m.ProtocolError(f"{what}: {req.count} elements for a list of {len(session.perm)}")
+    try:
+        elements = blinding.elements_from_bytes(
+            req.elements, max_count=m.MAX_ELEMENTS_PER_LIST, what=what
+        )
+    except blinding.InvalidGroupElement as exc:
+        raise m.ProtocolError(f"{what}: {exc}") from exc
+    if len(set(elements)) != len(elements):
+        raise m.ProtocolError(f"{what}: the fully blinded list has repeated elements")
+    session.fully = req.elements  # the secret stays: lenders' applicants need it
+    matching.save_session(ctx, session)
+    return m.Ack(stored=req.count).to_content()
+
+
+def _lender_blind(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    what = "query.lender_blind"
+    req = lm.LenderBlind.from_content(msg.content, what)
+    session = matching.load_session(ctx, req.session_id, what)
+    now = _now()
+    if not session.serving_until or not session.fully or not session.secret:
+        raise m.ProtocolError(f"{what}: session {req.session_id} is not an open serving session")
+    if now.timestamp() >= session.serving_until:
+        raise m.ProtocolError(f"{what}: serving session {req.session_id} has expired")
+    audit = query_log_for(data.location)
+    if audit.answered(req.request_id):
+        raise m.ProtocolError(f"{what}: request {req.request_id} already answered (replay)")
+    try:
+        elements = blinding.elements_from_bytes(
+            req.elements, max_count=lm.MAX_LENDER_BATCH, what=what
+        )
+    except blinding.InvalidGroupElement as exc:
+        raise m.ProtocolError(f"{what}: {exc}") from exc
+    location = ctx.node_config.get("policy")
+    policy = policy_at(location) if isinstance(location, str) and location else None
+    decision = decide(
+        policy,
+        req.lender,
+        req.purpose,
+        req.consents,
+        elements if req.step == 1 else None,
+        audit,
+        now,
+    )
+    accepted = [k for k, ok in enumerate(decision.accepted) if ok]
+    blinded = blinding.blind(session.secret, [elements[k] for k in accepted], validate=False)
+    out = [bytes(m.ELEMENT_BYTES)] * req.count
+    for k, element in zip(accepted, blinded, strict=True):
+        out[k] = element
+    refused = [lm.Refusal(index=k, reason=r) for k, r in sorted(decision.reasons.items())]
+    if decision.batch_reason is not None:
+        refused.insert(0, lm.Refusal(index=-1, reason=decision.batch_reason))
+    reasons = sorted({r.reason for r in refused})
+    audit.append(
+        req.request_id,
+        LENDER_KIND,
+        "answered" if accepted else "refused",
+        {
+            "session_id": req.session_id,
+            "lender": req.lender,
+            "purpose": req.purpose,
+            "applicants": req.count,
+            "blinded": len(accepted),
+            "refused": req.count - len(accepted),
+            "reasons": reasons[:10],
+            "step": req.step,
+            "elements_sha256": hashlib.sha256(req.elements).hexdigest(),
+        },
+    )
+    if refused:
+        log.info("lender %s: refused %d of %d: %s", req.lender, len(refused), req.count, reasons)
+    return lm.LenderBlindReply(
+        request_id=req.request_id,
+        count=req.count,
+        refused=tuple(refused),
+        elements=b"".join(out),
+    ).to_content()
+
+
+def register(app: ClientApp, serve: Callable[[Handler], Callable[[Message, Context], Message]]):  # type: ignore[no-untyped-def]
+    """Add the lender handlers to the platform's ClientApp (``serve`` wraps errors)."""
+    app.query("serve_start")(serve(_serve_start))
+    app.query("serve_done")(serve(_serve_done))
+    app.query("lender_blind")(serve(_lender_blind))
