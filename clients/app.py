@@ -440,7 +440,7 @@ def build_client_app(
     app.query("match_done")(serve(_match_done))
     app.query("debt_profile")(serve(_debt_profile))
     app.query("totals")(serve(_totals))
-    lender_handlers.register(app, serve)  # docs/lender-query.md
+    lender_handlers.register(app, serve, lambda c: _ledger_location(c, ledgers))
     return app
 
 

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable
 
 from flwr.app import Context, Message, RecordDict
+from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from clients import matching
@@ -33,6 +34,8 @@ from protocols import messages as m
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message, Context, PlatformData], RecordDict]
+ERROR_REFUSED = 1  # as clients.app: malformed, hostile or replayed message
+ERROR_FAILED = 2  # as clients.app: the platform could not answer
 
 
 def _now() -> dt.datetime:
@@ -93,7 +96,7 @@ def _serve_done(msg: Message, ctx: Context, _data: PlatformData) -> RecordDict:
     return m.Ack(stored=req.count).to_content()
 
 
-def _lender_blind(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+def _lender_blind(msg: Message, ctx: Context, location: str) -> RecordDict:
     what = "query.lender_blind"
     req = lm.LenderBlind.from_content(msg.content, what)
     session = matching.load_session(ctx, req.session_id, what)
@@ -102,7 +105,7 @@ def _lender_blind(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         raise m.ProtocolError(f"{what}: session {req.session_id} is not an open serving session")
     if now.timestamp() >= session.serving_until:
         raise m.ProtocolError(f"{what}: serving session {req.session_id} has expired")
-    audit = query_log_for(data.location)
+    audit = query_log_for(location)
     if audit.answered(req.request_id):
         raise m.ProtocolError(f"{what}: request {req.request_id} already answered (replay)")
     try:
@@ -157,8 +160,39 @@ def _lender_blind(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     ).to_content()
 
 
-def register(app: ClientApp, serve: Callable[[Handler], Callable[[Message, Context], Message]]):  # type: ignore[no-untyped-def]
+def _light(
+    handler: Callable[[Message, Context, str], RecordDict], location_of: Callable[[Context], str]
+) -> Callable[[Message, Context], Message]:
+    """Like ``clients.app``'s wrapper, without loading the ledger's features.
+
+    A SuperNode runs every message in a fresh process, and a lender hop sits on the lender's
+    critical path: it needs the session (node state), the policy and the query log, never
+    the borrowers' features, so it does not compute them.
+    """
+
+    def run(msg: Message, context: Context) -> Message:
+        what = msg.metadata.message_type
+        try:
+            return Message(handler(msg, context, location_of(context)), reply_to=msg)
+        except m.ProtocolError as exc:
+            log.warning("refused %s from the bureau: %s", what, exc)
+            return Message(Error(ERROR_REFUSED, f"refused: {exc}"), reply_to=msg)
+        except Exception as exc:
+            log.exception("could not answer %s", what)
+            return Message(
+                Error(ERROR_FAILED, f"{what} failed: {exc.__class__.__name__}: {exc}"),
+                reply_to=msg,
+            )
+
+    return run
+
+
+def register(
+    app: ClientApp,
+    serve: Callable[[Handler], Callable[[Message, Context], Message]],
+    location_of: Callable[[Context], str],
+) -> None:
     """Add the lender handlers to the platform's ClientApp (``serve`` wraps errors)."""
     app.query("serve_start")(serve(_serve_start))
     app.query("serve_done")(serve(_serve_done))
-    app.query("lender_blind")(serve(_lender_blind))
+    app.query("lender_blind")(_light(_lender_blind, location_of))

@@ -534,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     keyholder_cli.register(sub)
     audit_cli.register(sub)
     deploy_cli.register(sub)
+    from fedcredit import query_cli, serve_cli  # lender service (docs/lender-query.md)
+
+    serve_cli.register(sub)
+    query_cli.register(sub)
 
     demo = sub.add_parser(
         "demo",

@@ -53,7 +53,14 @@ from server.keyholder import (
     KeyHolderRefusal,
     ReplayGuard,
 )
-from server.keyholder_lender import AnswerItem, LenderDesk
+from server.keyholder_lender import (
+    ROUTE_ANSWER,
+    ROUTE_UNBLIND,
+    AnswerItem,
+    LenderDesk,
+    answer_request,
+    unblind_request,
+)
 from server.keystore import Keystore
 
 log = logging.getLogger(__name__)
@@ -314,6 +321,25 @@ class KeyHolderClient(KeyHolderAPI):
             return _decode_sealed(data.get("sealed"), participants, rows)
         except (TypeError, ValueError, binascii.Error) as exc:
             raise KeyHolderUnavailable(f"key holder sent malformed sealed totals: {exc}") from None
+
+    def lender_unblind(
+        self, key_id: str, elements: Sequence[bytes], sealed: Sequence[bytes]
+    ) -> list[bytes | None]:
+        data = self._call("POST", ROUTE_UNBLIND, json=unblind_request(key_id, elements, sealed))
+        try:
+            found = data["pseudonyms"]
+            return [None if f is None else base64.b64decode(f, validate=True) for f in found]
+        except (KeyError, TypeError, binascii.Error, ValueError) as exc:
+            raise KeyHolderUnavailable(f"key holder sent malformed pseudonyms: {exc}") from None
+
+    def lender_answer(
+        self, key_id: str, participants: Sequence[str], items: Sequence[AnswerItem]
+    ) -> list[bytes]:
+        data = self._call("POST", ROUTE_ANSWER, json=answer_request(key_id, participants, items))
+        try:
+            return [base64.b64decode(b, validate=True) for b in data["sealed"]]
+        except (KeyError, TypeError, binascii.Error, ValueError) as exc:
+            raise KeyHolderUnavailable(f"key holder sent malformed answers: {exc}") from None
 
 
 # ------------------------------------------------------------------------- in-process (tests)

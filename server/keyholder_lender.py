@@ -18,12 +18,16 @@ chain with counts only (never an element, a scalar or a total).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
+from pydantic import BaseModel, ConfigDict, Field
 
 from protocols import blinding, lender_blinding
 from protocols.packing import SlotOverflowError, debt_profile_layout
@@ -165,3 +169,94 @@ class LenderDesk:
             }
         )
         return out
+
+
+# ------------------------------------------------------------------------------ HTTP bodies
+
+ROUTE_UNBLIND = "/v1/lender/unblind"
+ROUTE_ANSWER = "/v1/lender/answer"
+
+
+class UnblindBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_id: str = Field(min_length=1, max_length=64)
+    elements: list[str] = Field(max_length=MAX_LENDER_ITEMS)
+    sealed: list[str] = Field(max_length=MAX_LENDER_ITEMS)
+
+
+class AnswerItemBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sealed: str = Field(max_length=400)
+    ciphertext: str | None = Field(default=None, max_length=4096)
+    rows: int = Field(default=0, ge=0, le=1000)
+    slot: int = Field(default=0, ge=0, le=1000)
+
+
+class AnswerBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_id: str = Field(min_length=1, max_length=64)
+    participants: list[str] = Field(min_length=1, max_length=64)
+    items: list[AnswerItemBody] = Field(max_length=MAX_LENDER_ITEMS)
+
+
+def _unb64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyHolderRefusal(f"{what}: not base64", 422, "invalid") from None
+
+
+def serve_unblind(desk: LenderDesk, body: UnblindBody, caller: str) -> dict[str, Any]:
+    elements = [_unb64(e, "elements") for e in body.elements]
+    sealed = [_unb64(s, "sealed") for s in body.sealed]
+    found = desk.unblind(body.key_id, elements, sealed, caller)
+    return {"pseudonyms": [None if f is None else base64.b64encode(f).decode() for f in found]}
+
+
+def serve_answer(desk: LenderDesk, body: AnswerBody, caller: str) -> dict[str, Any]:
+    items = [
+        AnswerItem(
+            sealed=_unb64(i.sealed, "sealed"),
+            ciphertext=None
+            if i.ciphertext is None
+            else int.from_bytes(_unb64(i.ciphertext, "ciphertext"), "big"),
+            rows=i.rows,
+            slot=i.slot,
+        )
+        for i in body.items
+    ]
+    boxes = desk.answer(body.key_id, body.participants, items, caller)
+    return {"sealed": [base64.b64encode(b).decode() for b in boxes]}
+
+
+def unblind_request(key_id: str, elements: Sequence[bytes], sealed: Sequence[bytes]) -> dict:  # type: ignore[type-arg]
+    b64 = base64.b64encode
+    return {
+        "key_id": key_id,
+        "elements": [b64(e).decode() for e in elements],
+        "sealed": [b64(s).decode() for s in sealed],
+    }
+
+
+def answer_request(key_id: str, participants: Sequence[str], items: Sequence[AnswerItem]) -> dict:  # type: ignore[type-arg]
+    def ct(value: int | None) -> str | None:
+        if value is None:
+            return None
+        return base64.b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big")).decode()
+
+    return {
+        "key_id": key_id,
+        "participants": list(participants),
+        "items": [
+            {
+                "sealed": base64.b64encode(i.sealed).decode(),
+                "ciphertext": ct(i.ciphertext),
+                "rows": i.rows,
+                "slot": i.slot,
+            }
+            for i in items
+        ],
+    }

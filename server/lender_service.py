@@ -161,7 +161,15 @@ class Dispatcher:
             if applicants >= MAX_LENDER_BATCH:
                 break
         try:
+            t0 = time.perf_counter()
             answers = answer([q for q, _ in batch])
+            log.info(
+                "round %d: %d questions, %d applicants in %.3f s",
+                self.rounds + 1,
+                len(batch),
+                applicants,
+                time.perf_counter() - t0,
+            )
             for (_, future), result in zip(batch, answers, strict=True):
                 future.set_result(result)
         except Exception as exc:  # a failed round fails its questions, never the loop
@@ -324,6 +332,13 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
     config = ServeConfig.load(settings.serve_config)
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
+    # The ServerApp process's output goes to the SuperLink's log stream only while someone
+    # streams it; the service keeps its own log beside its state.
+    handler = logging.FileHandler(state / "service.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("server", "clients", "protocols"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
     keyholder = keyholder or connect_keyholder(settings)
     node_ids = wait_for_nodes(grid, settings)
     nodes = {d.platform: n for n, d in describe_platforms(grid, node_ids, settings).items()}

@@ -130,6 +130,13 @@ class ServingSession:
                 for key in refusals:
                     refusals[key][platform] = failed
             hop_seconds.append(time.perf_counter() - th)
+            log.info(
+                "hop %d (%s): %.3f s%s",
+                step,
+                platform,
+                hop_seconds[-1],
+                f", {failed}" if failed else "",
+            )
         tk = time.perf_counter()
         ok = [(q, k) for q, k in flat if not refusals[(id(q), k)]]
         pseudonyms = (
@@ -224,7 +231,7 @@ class ServingSession:
             )
             messages.append(msg)
             members[request.request_id] = (entries, request)
-        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        replies = send_and_collect(grid, messages, self.timeout)
         if len(replies) < len(messages):
             return f"no reply within {self.timeout:.0f} s"
         for reply in replies:
@@ -256,6 +263,27 @@ class ServingSession:
         times = [t for t in self.inquiries.get(tag, []) if now - t < INQUIRY_WINDOW_S]
         self.inquiries[tag] = [*times, now]
         return len(times)
+
+
+def send_and_collect(
+    grid: Grid, messages: list[Message], timeout: float, interval: float = 0.02
+) -> list[Message]:
+    """``push_messages`` then ``pull_messages`` every ``interval`` until all replied or timeout.
+
+    Flower 1.41's ``Grid.send_and_receive`` on the deployment engine sleeps 3 s between pulls
+    (``flwr/superlink/grid/http_grid.py``), which alone would add up to 3 s to every platform
+    hop of a lender question; pulling often is what its push/pull API is for.
+    """
+    ids = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while ids and time.monotonic() < deadline:
+        got = list(grid.pull_messages(list(ids)))
+        replies.extend(got)
+        ids.difference_update(r.metadata.reply_to_message_id for r in got)
+        if ids:
+            time.sleep(interval)
+    return replies
 
 
 def open_serving_session(

@@ -238,20 +238,23 @@ def test_a_platform_that_does_not_answer_is_named_missing(world: World) -> None:
     node = world.nodes[down]
 
     grid = world.grid
-    original = grid.send_and_receive
+    original = grid.push_messages
 
-    def send_and_receive(messages, *, timeout=None):  # type: ignore[no-untyped-def]
+    def push_messages(messages):  # type: ignore[no-untyped-def]
         messages = list(messages)
-        return original([msg for msg in messages if msg.metadata.dst_node_id != node])
+        ids = list(original([msg for msg in messages if msg.metadata.dst_node_id != node]))
+        return ids + ["lost"] * (len(messages) - len(ids))  # sent, never answered
 
-    grid.send_and_receive = send_and_receive  # type: ignore[method-assign]
+    grid.push_messages = push_messages  # type: ignore[method-assign]
+    world.session.timeout = 1.0
     try:
         answer = world.ask([world.data[0].features.tokens[0]])[1]
     finally:
-        grid.send_and_receive = original  # type: ignore[method-assign]
-    assert answer.missing == {down: "no reply within 60 s"}
+        grid.push_messages = original  # type: ignore[method-assign]
+        world.session.timeout = 60
+    assert answer.missing == {down: "no reply within 1 s"}
     assert answer.answers[0].status == "refused"
-    assert answer.answers[0].refusals[down] == "no reply within 60 s"
+    assert answer.answers[0].refusals[down] == "no reply within 1 s"
 
 
 # ------------------------------------------------------------------------------- audit

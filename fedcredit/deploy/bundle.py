@@ -311,6 +311,7 @@ def init(
                 "ledger": location,
                 "identity": str(pdir / "identity.json"),
                 "roster": str(pdir / "roster.json"),
+                "policy": str(pdir / "policy.toml"),  # enforced on lender questions
             }
         )
         (pdir / "node-config.txt").write_text(node_config + "\n", encoding="utf-8")
