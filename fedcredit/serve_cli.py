@@ -47,7 +47,10 @@ def serve_config_path(out: Path) -> Path:
 
 
 def ensure_serve_config(
-    out: Path, port: int | None = None, hop_timeout: float | None = None
+    out: Path,
+    port: int | None = None,
+    hop_timeout: float | None = None,
+    answer_timeout: float | None = None,
 ) -> ServeConfig:
     """The folder's serve.toml, written with defaults if missing; ``port`` overrides."""
     from fedcredit.deploy import load_manifest
@@ -71,6 +74,8 @@ def ensure_serve_config(
         changes["port"] = port
     if hop_timeout is not None:
         changes["hop_timeout_s"] = hop_timeout
+    if answer_timeout is not None:
+        changes["answer_timeout_s"] = answer_timeout
     if changes or not path.exists():
         config = ServeConfig.model_validate({**config.model_dump(), **changes})
         lines = ["# fedcredit serve: the lender API (server/lender_service.py ServeConfig)"]
@@ -100,12 +105,13 @@ def start(
     app: Path = REPO,
     timeout: float = 300.0,
     hop_timeout: float | None = None,
+    answer_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Submit the standing run and wait for the API; returns its URL, run id and health."""
     from fedcredit.deploy.runner import flwr_json
 
     out = out.resolve()
-    config = ensure_serve_config(out, port, hop_timeout)
+    config = ensure_serve_config(out, port, hop_timeout, answer_timeout)
     stop_file = Path(config.state_dir) / "stop"
     stop_file.unlink(missing_ok=True)
     run_config = out / "bureau" / "serve-run-config.toml"

@@ -340,22 +340,37 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
     keyholder = keyholder or connect_keyholder(settings)
-    node_ids = wait_for_nodes(grid, settings)
-    nodes = {d.platform: n for n, d in describe_platforms(grid, node_ids, settings).items()}
-    holder: dict[str, Any] = {}
+    holder: dict[str, Any] = {"stale": False, "retry_at": 0.0}
+    # Discovery must not wait the batch run's long timeouts on a platform that is down.
+    quick = settings.model_copy(update={"timeout": max(4 * config.hop_timeout_s, 30.0)})
 
     def refresh() -> None:
+        """A new serving session over the platforms online now (node ids may have changed:
+        a restarted SuperNode comes back with an empty node state, so its secret is gone)."""
         t0 = time.perf_counter()
-        holder["session"] = open_serving_session(
+        node_ids = wait_for_nodes(grid, settings)
+        described = describe_platforms(grid, node_ids, quick)
+        nodes = {d.platform: n for n, d in described.items()}
+        if len(nodes) < settings.min_participants:
+            raise RuntimeError(f"{len(nodes)} platforms online, {settings.min_participants} needed")
+        session = open_serving_session(
             grid,
             nodes,
             keyholder,
-            timeout=settings.query_timeout,
+            timeout=quick.timeout,
             lifetime_s=config.session_lifetime_s,
             batch_size=config.union_batch,
         )
-        holder["session"].timeout = config.hop_timeout_s
+        session.timeout = config.hop_timeout_s
+        holder["session"] = session
+        holder["stale"] = False
         log.info("serving session ready in %.1f s", time.perf_counter() - t0)
+
+    def answer_round(questions: Sequence[Question]) -> list[QuestionAnswer]:
+        answers = holder["session"].ask(grid, questions, keyholder)
+        if any(a.missing for a in answers):
+            holder["stale"] = True  # try a fresh session before the next round
+        return answers
 
     refresh()
     dispatcher = Dispatcher(config.max_questions_per_round)
@@ -395,9 +410,14 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
     stop_file = state / "stop"
     try:
         while not stop_file.exists():
-            if holder["session"].expired:
-                refresh()
-            dispatcher.run_once(lambda qs: holder["session"].ask(grid, qs, keyholder))
+            due = holder["stale"] and time.monotonic() >= holder["retry_at"]
+            if holder["session"].expired or due:
+                try:
+                    refresh()
+                except Exception as exc:  # keep answering (naming the missing) and retry
+                    log.warning("serving session refresh failed, retrying later: %s", exc)
+                    holder["retry_at"] = time.monotonic() + 2 * config.hop_timeout_s
+            dispatcher.run_once(answer_round)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
