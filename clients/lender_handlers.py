@@ -106,7 +106,7 @@ def _lender_blind(msg: Message, ctx: Context, location: str) -> RecordDict:
     if now.timestamp() >= session.serving_until:
         raise m.ProtocolError(f"{what}: serving session {req.session_id} has expired")
     audit = query_log_for(location)
-    if audit.answered(req.request_id):
+    if audit.answered(f"{req.request_id}:0"):
         raise m.ProtocolError(f"{what}: request {req.request_id} already answered (replay)")
     try:
         elements = blinding.elements_from_bytes(
@@ -114,44 +114,57 @@ def _lender_blind(msg: Message, ctx: Context, location: str) -> RecordDict:
         )
     except blinding.InvalidGroupElement as exc:
         raise m.ProtocolError(f"{what}: {exc}") from exc
-    location = ctx.node_config.get("policy")
-    policy = policy_at(location) if isinstance(location, str) and location else None
-    decision = decide(
-        policy,
-        req.lender,
-        req.purpose,
-        req.consents,
-        elements if req.step == 1 else None,
-        audit,
-        now,
-    )
-    accepted = [k for k, ok in enumerate(decision.accepted) if ok]
+    where = ctx.node_config.get("policy")
+    policy = policy_at(where) if isinstance(where, str) and where else None
+    accepted_flags: list[bool] = []
+    refused: list[lm.Refusal] = []
+    per_lender: dict[str, int] = {}
+    start = 0
+    for i, span in enumerate(req.questions):
+        stop = start + span.count
+        decision = decide(
+            policy,
+            span.lender,
+            span.purpose,
+            req.consents[start:stop],
+            elements[start:stop] if req.step == 1 else None,
+            audit,
+            now,
+            already=per_lender.get(span.lender, 0),
+        )
+        per_lender[span.lender] = per_lender.get(span.lender, 0) + decision.accepted_count
+        accepted_flags += decision.accepted
+        for k in range(span.count):
+            reason = decision.batch_reason or decision.reasons.get(k)
+            if reason is not None:
+                refused.append(lm.Refusal(index=start + k, reason=reason))
+        reasons = sorted({decision.batch_reason, *decision.reasons.values()} - {None})
+        audit.append(
+            f"{req.request_id}:{i}",
+            LENDER_KIND,
+            "answered" if decision.accepted_count else "refused",
+            {
+                "session_id": req.session_id,
+                "lender": span.lender,
+                "purpose": span.purpose,
+                "applicants": span.count,
+                "blinded": decision.accepted_count,
+                "refused": span.count - decision.accepted_count,
+                "reasons": reasons[:10],
+                "step": req.step,
+                "elements_sha256": hashlib.sha256(
+                    req.elements[start * m.ELEMENT_BYTES : stop * m.ELEMENT_BYTES]
+                ).hexdigest(),
+            },
+        )
+        start = stop
+    accepted = [k for k, ok in enumerate(accepted_flags) if ok]
     blinded = blinding.blind(session.secret, [elements[k] for k in accepted], validate=False)
     out = [bytes(m.ELEMENT_BYTES)] * req.count
     for k, element in zip(accepted, blinded, strict=True):
         out[k] = element
-    refused = [lm.Refusal(index=k, reason=r) for k, r in sorted(decision.reasons.items())]
-    if decision.batch_reason is not None:
-        refused.insert(0, lm.Refusal(index=-1, reason=decision.batch_reason))
-    reasons = sorted({r.reason for r in refused})
-    audit.append(
-        req.request_id,
-        LENDER_KIND,
-        "answered" if accepted else "refused",
-        {
-            "session_id": req.session_id,
-            "lender": req.lender,
-            "purpose": req.purpose,
-            "applicants": req.count,
-            "blinded": len(accepted),
-            "refused": req.count - len(accepted),
-            "reasons": reasons[:10],
-            "step": req.step,
-            "elements_sha256": hashlib.sha256(req.elements).hexdigest(),
-        },
-    )
     if refused:
-        log.info("lender %s: refused %d of %d: %s", req.lender, len(refused), req.count, reasons)
+        log.info("lender round: refused %d of %d applicants", len(refused), req.count)
     return lm.LenderBlindReply(
         request_id=req.request_id,
         count=req.count,

@@ -44,9 +44,19 @@ class ServeStart(Payload):
         return self
 
 
-class LenderBlind(BinaryPayload):
-    """One hop of a lender question: apply the session secret to ``elements``.
+class QuestionSpan(Payload):
+    """``count`` consecutive records of one lender question (its lender and purpose)."""
 
+    lender: str = Field(pattern=NAME_PATTERN)
+    purpose: str = Field(pattern=NAME_PATTERN)
+    count: int = Field(ge=1, le=MAX_LENDER_BATCH)
+
+
+class LenderBlind(BinaryPayload):
+    """One hop of a round of lender questions: apply the session secret to ``elements``.
+
+    Concurrent questions travel together (one platform message per hop, whatever the number
+    of lenders): ``questions`` cuts the records into the lenders' questions, in order.
     ``consents[k]`` is the lender's signed record for applicant ``k``; its ``element`` is the
     lender's ``x``, while ``elements[k]`` is ``x`` as re-blinded by the platforms before this
     one (``x`` itself at step 1).
@@ -56,8 +66,9 @@ class LenderBlind(BinaryPayload):
     request_id: str = Field(pattern=QUERY_ID.pattern)
     session_id: str = Field(pattern=QUERY_ID.pattern)
     step: int = Field(ge=1, le=MAX_PARTICIPANTS)
-    lender: str = Field(pattern=NAME_PATTERN)
-    purpose: str = Field(pattern=NAME_PATTERN)
+    questions: Annotated[tuple[QuestionSpan, ...], BeforeValidator(_as_tuple)] = Field(
+        min_length=1, max_length=MAX_LENDER_BATCH
+    )
     count: int = Field(ge=1, le=MAX_LENDER_BATCH)
     consents: Annotated[tuple[SignedConsent, ...], BeforeValidator(_as_tuple)] = Field(
         min_length=1, max_length=MAX_LENDER_BATCH
@@ -69,13 +80,15 @@ class LenderBlind(BinaryPayload):
         _whole_elements(self.elements, self.count, MAX_LENDER_BATCH)
         if len(self.consents) != self.count:
             raise ValueError(f"{len(self.consents)} consent records for {self.count} elements")
+        if sum(q.count for q in self.questions) != self.count:
+            raise ValueError("the questions do not cover the records exactly")
         return self
 
 
 class Refusal(Payload):
-    """Why one applicant (``index``; -1 for the whole question) was refused."""
+    """Why one applicant (record ``index``) was refused."""
 
-    index: int = Field(ge=-1, lt=MAX_LENDER_BATCH)
+    index: int = Field(ge=0, lt=MAX_LENDER_BATCH)
     reason: str = Field(min_length=1, max_length=300)
 
 
@@ -86,7 +99,7 @@ class LenderBlindReply(BinaryPayload):
     request_id: str = Field(pattern=QUERY_ID.pattern)
     count: int = Field(ge=1, le=MAX_LENDER_BATCH)
     refused: Annotated[tuple[Refusal, ...], BeforeValidator(_as_tuple)] = Field(
-        default=(), max_length=MAX_LENDER_BATCH + 1
+        default=(), max_length=MAX_LENDER_BATCH
     )
     elements: bytes
 

@@ -17,6 +17,7 @@ nothing else. Every answer is appended to the bureau's hash-chained inquiry reco
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import datetime as dt
 import hashlib
@@ -37,6 +38,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocols.lender_messages import MAX_LENDER_BATCH
@@ -69,7 +71,7 @@ class ServeConfig(BaseModel):
     session_lifetime_s: int = Field(default=24 * 3600, ge=60, le=7 * 24 * 3600)
     hop_timeout_s: float = Field(default=10.0, gt=0, le=600)
     answer_timeout_s: float = Field(default=30.0, gt=0, le=3600)
-    max_questions_per_round: int = Field(default=200, ge=1, le=10_000)
+    max_questions_per_round: int = Field(default=1000, ge=1, le=10_000)
     union_batch: int = Field(default=5000, ge=1, le=50_000)
 
     @classmethod
@@ -245,7 +247,11 @@ def create_app(
             raise _Refused(403, "revoked", "this lender's access is revoked")
         return name
 
-    def ask(lender: str, purpose: str, applicants: list[Any]) -> DebtProfileAnswer:
+    async def ask(lender: str, purpose: str, applicants: list[Any]) -> DebtProfileAnswer:
+        """Check the consents at the door, queue the question, await its round.
+
+        Async, so that thousands of questions can wait for their round without holding a
+        worker thread each (the answering itself happens in the Grid's thread)."""
         key = registry.signing_key(lender)
         for k, a in enumerate(applicants):
             if a.consent.record.lender != lender:
@@ -262,29 +268,29 @@ def create_app(
         )
         future = dispatcher.submit(question)
         try:
-            result = future.result(timeout=answer_timeout_s)
-        except cf.TimeoutError:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), answer_timeout_s)
+        except TimeoutError:
             raise _Refused(503, "timeout", "the federation did not answer in time") from None
         except Exception as exc:
             raise _Refused(503, "unavailable", f"no answer: {exc}"[:300]) from None
         body = answer_body(result, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-        audit.record(result, lender)
-        answers.put(lender, body)
+        await run_in_threadpool(audit.record, result, lender)
+        await run_in_threadpool(answers.put, lender, body)
         return body
 
     @app.post("/v1/debt-profile", response_model=DebtProfileAnswer, responses=responses)
-    def debt_profile(
+    async def debt_profile(
         body: DebtProfileRequest, lender: str = Depends(lender_of)
     ) -> DebtProfileAnswer:
         """One applicant's total debt, active loans and number of lenders (sealed)."""
-        return ask(lender, body.purpose, list(body.applicants))
+        return await ask(lender, body.purpose, list(body.applicants))
 
     @app.post("/v1/debt-profile/batch", response_model=DebtProfileAnswer, responses=responses)
-    def debt_profile_batch(
+    async def debt_profile_batch(
         body: DebtProfileBatchRequest, lender: str = Depends(lender_of)
     ) -> DebtProfileAnswer:
         """Up to 1,000 applicants in one question."""
-        return ask(lender, body.purpose, list(body.applicants))
+        return await ask(lender, body.purpose, list(body.applicants))
 
     @app.get("/v1/queries/{query_id}", response_model=DebtProfileAnswer, responses=responses)
     def past_answer(query_id: str, lender: str = Depends(lender_of)) -> dict[str, Any]:

@@ -118,13 +118,10 @@ class ServingSession:
         current = {(id(q), k): q.applicants[k].element for q, k in flat}
         refusals: dict[tuple[int, int], dict[str, str]] = {key: {} for key in current}
         missing: dict[str, str] = {}
-        groups: dict[tuple[str, str], list[tuple[Question, int]]] = {}
-        for q, k in flat:
-            groups.setdefault((q.lender, q.purpose), []).append((q, k))
         hop_seconds: list[float] = []
         for step, platform in enumerate(self.participants, start=1):
             th = time.perf_counter()
-            failed = self._hop(grid, step, platform, groups, current, refusals)
+            failed = self._hop(grid, step, platform, questions, flat, current, refusals)
             if failed:
                 missing[platform] = failed
                 for key in refusals:
@@ -207,53 +204,51 @@ class ServingSession:
         grid: Grid,
         step: int,
         platform: str,
-        groups: Mapping[tuple[str, str], list[tuple[Question, int]]],
+        questions: Sequence[Question],
+        flat: list[tuple[Question, int]],
         current: dict[tuple[int, int], bytes],
         refusals: dict[tuple[int, int], dict[str, str]],
     ) -> str | None:
-        """Send every group to ``platform``; returns a reason if the platform failed."""
-        messages, members = [], {}
-        for (lender, purpose), entries in groups.items():
-            request = lm.LenderBlind(
-                request_id=uuid.uuid4().hex,
-                session_id=self.session_id,
-                step=step,
-                lender=lender,
-                purpose=purpose,
-                count=len(entries),
-                consents=tuple(q.applicants[k].consent for q, k in entries),
-                elements=b"".join(current[(id(q), k)] for q, k in entries),
-            )
-            msg = Message(
-                request.to_content(),
-                dst_node_id=self.nodes[platform],
-                message_type="query.lender_blind",
-            )
-            messages.append(msg)
-            members[request.request_id] = (entries, request)
-        replies = send_and_collect(grid, messages, self.timeout)
-        if len(replies) < len(messages):
+        """One message with every question of the round to ``platform``; a reason if it
+        failed. Records refused earlier still travel (their result is discarded), so every
+        platform states its own decision on every applicant."""
+        request = lm.LenderBlind(
+            request_id=uuid.uuid4().hex,
+            session_id=self.session_id,
+            step=step,
+            questions=tuple(
+                lm.QuestionSpan(lender=q.lender, purpose=q.purpose, count=len(q.applicants))
+                for q in questions
+            ),
+            count=len(flat),
+            consents=tuple(q.applicants[k].consent for q, k in flat),
+            elements=b"".join(current[(id(q), k)] for q, k in flat),
+        )
+        msg = Message(
+            request.to_content(),
+            dst_node_id=self.nodes[platform],
+            message_type="query.lender_blind",
+        )
+        replies = send_and_collect(grid, [msg], self.timeout)
+        if not replies:
             return f"no reply within {self.timeout:.0f} s"
-        for reply in replies:
-            if reply.has_error():
-                return reply.error.reason[:300]
-            try:
-                body = lm.LenderBlindReply.from_content(reply.content, f"reply from {platform}")
-            except m.ProtocolError as exc:
-                return str(exc)[:300]
-            found = members.get(body.request_id)
-            if found is None or body.count != len(found[0]):
-                return "answered another request"
-            entries, _ = found
-            whole = next((r.reason for r in body.refused if r.index == -1), None)
-            by_index = {r.index: r.reason for r in body.refused if r.index >= 0}
-            width = m.ELEMENT_BYTES
-            for j, (q, k) in enumerate(entries):
-                reason = whole or by_index.get(j)
-                if reason is not None:
-                    refusals[(id(q), k)][platform] = reason
-                else:
-                    current[(id(q), k)] = body.elements[j * width : (j + 1) * width]
+        reply = replies[0]
+        if reply.has_error():
+            return reply.error.reason[:300]
+        try:
+            body = lm.LenderBlindReply.from_content(reply.content, f"reply from {platform}")
+        except m.ProtocolError as exc:
+            return str(exc)[:300]
+        if body.request_id != request.request_id or body.count != len(flat):
+            return "answered another request"
+        by_index = {r.index: r.reason for r in body.refused}
+        width = m.ELEMENT_BYTES
+        for j, (q, k) in enumerate(flat):
+            reason = by_index.get(j)
+            if reason is not None:
+                refusals[(id(q), k)][platform] = reason
+            else:
+                current[(id(q), k)] = body.elements[j * width : (j + 1) * width]
         return None
 
     def _count(self, pseudonym: bytes) -> int:
