@@ -340,6 +340,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if borrowers < 1000:
             raise UsageError("--borrowers must be at least 1,000")
         result = query_speed.run(borrowers, args.platforms, args.key_bits, args.seed)
+    elif args.name in ("query-latency", "query-load"):
+        from fedcredit.bench import lender_query
+
+        borrowers = args.borrowers or 2000
+        if args.name == "query-latency":
+            result = lender_query.run_latency(max(1, args.samples), borrowers, args.seed)
+        else:
+            if not 1 <= args.lenders <= 100 or args.queries < 1:
+                raise UsageError("--lenders 1-100 and --queries >= 1")
+            result = lender_query.run_load(args.lenders, args.queries, borrowers, args.seed)
     elif args.name == "uci":
         from fedcredit.bench import uci_federation
 
@@ -560,7 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (figures and ratios vs a same-run baseline)")
-    bench.add_argument("name", choices=["datagen", "datagen-quality", "paillier", "query", "uci"])
+    bench.add_argument(
+        "name",
+        choices=[
+            "datagen",
+            "datagen-quality",
+            "paillier",
+            "query",
+            "uci",
+            "query-latency",  # the lender API on a deployment (docs/lender-query.md)
+            "query-load",
+        ],
+    )
     bench.add_argument(
         "--borrowers",
         type=int,
@@ -573,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokens", type=int, default=3000, help="paillier: tokens to encrypt")
     bench.add_argument("--rounds", type=int, default=20, help="uci: FedAvg rounds")
     bench.add_argument("--csv", help="uci: the CSV (default ../shared/data/uci_credit_card.csv)")
+    bench.add_argument("--lenders", type=int, default=20, help="query-load: lenders")
+    bench.add_argument("--queries", type=int, default=1000, help="query-load: questions")
+    bench.add_argument("--samples", type=int, default=15, help="query-latency: questions")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -130,8 +130,11 @@ class LenderDesk:
         key_bits = int(rec.public_key.n).bit_length()
         layout = debt_profile_layout(len(participants))
         held = [i for i, item in enumerate(items) if item.ciphertext is not None]
+        # Applicants of one round often share a packed plaintext: decrypt each sum once.
+        unique = list(dict.fromkeys(items[i].ciphertext for i in held))
         try:
-            plain = decrypt_plaintexts(rec.private_key, [items[i].ciphertext for i in held])  # type: ignore[misc]
+            opened = dict(zip(unique, decrypt_plaintexts(rec.private_key, unique), strict=True))  # type: ignore[arg-type]
+            plain = [opened[items[i].ciphertext] for i in held]
         except InvalidCiphertext as exc:
             raise KeyHolderRefusal(
                 f"invalid ciphertext: {exc}", 422, "invalid_ciphertext"

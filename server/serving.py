@@ -191,6 +191,7 @@ class ServingSession:
                     missing=dict(missing),
                     answers=answers,
                     seconds={
+                        **{f"hop_{i}": round(h, 4) for i, h in enumerate(hop_seconds, 1)},
                         "platform_hops": round(sum(hop_seconds), 4),
                         "keyholder": round(keyholder_s, 4),
                         "total": round(time.perf_counter() - t0, 4),
