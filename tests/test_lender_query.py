@@ -349,3 +349,51 @@ def test_holding_and_not_holding_platforms_answer_alike(world: World) -> None:
 
     bodies = [LenderBlindReply.from_content(r.content, "t") for r in replies]
     assert all(not b.refused and b.count == 1 and len(b.elements) == 32 for b in bodies)
+
+
+def test_keyholder_service_routes_for_lenders(world: World) -> None:
+    """The key holder's HTTP routes give what LocalKeyHolder gives, and refuse bad input."""
+    import base64
+    import hashlib
+
+    from fastapi.testclient import TestClient
+
+    from server.keyholder_lender import answer_request, unblind_request
+    from server.keyholder_service import create_app
+
+    keyholder = world.parties.keyholder
+    app = create_app(keyholder.core, hashlib.sha256(b"tok").hexdigest())
+    client = TestClient(app, headers={"Authorization": "Bearer tok"})
+    token = world.data[0].features.tokens[0]
+    blinded = lender_blinding.blind_token(token, world.delivery_key)
+    y = blinded.element
+    for name in world.session.participants:  # what the platforms' hops would do
+        node = world.grid.contexts[world.nodes[name]]
+        from clients import matching
+
+        secret = matching.load_session(node, world.session.session_id, "t").secret
+        y = blinding.blind(secret, [y])[0]
+    key_id = world.session.key.key_id
+    r = client.post("/v1/lender/unblind", json=unblind_request(key_id, [y], [blinded.sealed]))
+    assert r.status_code == 200, r.text
+    pseudonym = base64.b64decode(r.json()["pseudonyms"][0])
+    assert pseudonym in world.session.table
+    row = world.session.table[pseudonym]
+    from server.keyholder_lender import AnswerItem
+
+    item = AnswerItem(
+        sealed=blinded.sealed,
+        ciphertext=world.session.sums[row.batch][row.plaintext],
+        rows=row.rows,
+        slot=row.slot,
+    )
+    body = answer_request(key_id, world.session.participants, [item])
+    r = client.post("/v1/lender/answer", json=body)
+    assert r.status_code == 200, r.text
+    sealed = base64.b64decode(r.json()["sealed"][0])
+    assert lender_blinding.open_answer(blinded.answer_key, sealed) == world.truth(token)
+    bad = client.post("/v1/lender/unblind", json={**unblind_request(key_id, [y], []), "x": 1})
+    assert bad.status_code == 422
+    two = answer_request(key_id, world.session.participants[:2], [item])
+    assert client.post("/v1/lender/answer", json=two).status_code == 403
+    assert TestClient(app).post("/v1/lender/answer", json=body).status_code == 401
