@@ -17,13 +17,15 @@ import datetime as dt
 import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from clients import matching
-from clients.lender_policy import LENDER_KIND, decide, policy_at
+from clients.lender_policy import LENDER_KIND, decide, policy_at, recent_applicants
 from clients.node_identity import node_identity
 from clients.platform_data import PlatformData
 from clients.query_log import query_log_for
@@ -96,6 +98,17 @@ def _serve_done(msg: Message, ctx: Context, _data: PlatformData) -> RecordDict:
     return m.Ack(stored=req.count).to_content()
 
 
+@dataclass
+class _LogEntry:
+    """What the query log records about one lender's questions (one purpose) in a round."""
+
+    questions: int = 0
+    applicants: int = 0
+    blinded: int = 0
+    reasons: set[str] = field(default_factory=set)
+    digest: Any = field(default_factory=hashlib.sha256)
+
+
 def _lender_blind(msg: Message, ctx: Context, location: str) -> RecordDict:
     what = "query.lender_blind"
     req = lm.LenderBlind.from_content(msg.content, what)
@@ -118,9 +131,15 @@ def _lender_blind(msg: Message, ctx: Context, location: str) -> RecordDict:
     policy = policy_at(where) if isinstance(where, str) and where else None
     accepted_flags: list[bool] = []
     refused: list[lm.Refusal] = []
-    per_lender: dict[str, int] = {}
+    # The rate limit's count of the last hour: one read of the log per lender and round.
+    used = {
+        lender: recent_applicants(audit, lender, now)
+        for lender in {span.lender for span in req.questions}
+    }
+    # One log entry per (lender, purpose) of the round: a round may carry a thousand questions.
+    logged: dict[tuple[str, str], _LogEntry] = {}
     start = 0
-    for i, span in enumerate(req.questions):
+    for span in req.questions:
         stop = start + span.count
         decision = decide(
             policy,
@@ -128,36 +147,40 @@ def _lender_blind(msg: Message, ctx: Context, location: str) -> RecordDict:
             span.purpose,
             req.consents[start:stop],
             elements[start:stop] if req.step == 1 else None,
-            audit,
+            used[span.lender],
             now,
-            already=per_lender.get(span.lender, 0),
         )
-        per_lender[span.lender] = per_lender.get(span.lender, 0) + decision.accepted_count
+        used[span.lender] += decision.accepted_count
         accepted_flags += decision.accepted
         for k in range(span.count):
             reason = decision.batch_reason or decision.reasons.get(k)
             if reason is not None:
                 refused.append(lm.Refusal(index=start + k, reason=reason))
-        reasons = sorted({decision.batch_reason, *decision.reasons.values()} - {None})
+        entry = logged.setdefault((span.lender, span.purpose), _LogEntry())
+        entry.questions += 1
+        entry.applicants += span.count
+        entry.blinded += decision.accepted_count
+        entry.reasons |= {r for r in (decision.batch_reason, *decision.reasons.values()) if r}
+        entry.digest.update(req.elements[start * m.ELEMENT_BYTES : stop * m.ELEMENT_BYTES])
+        start = stop
+    for i, ((lender, purpose), entry) in enumerate(sorted(logged.items())):
         audit.append(
             f"{req.request_id}:{i}",
             LENDER_KIND,
-            "answered" if decision.accepted_count else "refused",
+            "answered" if entry.blinded else "refused",
             {
                 "session_id": req.session_id,
-                "lender": span.lender,
-                "purpose": span.purpose,
-                "applicants": span.count,
-                "blinded": decision.accepted_count,
-                "refused": span.count - decision.accepted_count,
-                "reasons": reasons[:10],
+                "lender": lender,
+                "purpose": purpose,
+                "questions": entry.questions,
+                "applicants": entry.applicants,
+                "blinded": entry.blinded,
+                "refused": entry.applicants - entry.blinded,
+                "reasons": sorted(entry.reasons)[:10],
                 "step": req.step,
-                "elements_sha256": hashlib.sha256(
-                    req.elements[start * m.ELEMENT_BYTES : stop * m.ELEMENT_BYTES]
-                ).hexdigest(),
+                "elements_sha256": entry.digest.hexdigest(),
             },
         )
-        start = stop
     accepted = [k for k, ok in enumerate(accepted_flags) if ok]
     blinded = blinding.blind(session.secret, [elements[k] for k in accepted], validate=False)
     out = [bytes(m.ELEMENT_BYTES)] * req.count

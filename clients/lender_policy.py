@@ -74,17 +74,16 @@ def decide(
     purpose: str,
     consents: tuple[SignedConsent, ...],
     first_elements: list[bytes] | None,
-    audit: QueryLog,
+    used: int,
     now: dt.datetime,
-    already: int = 0,
 ) -> Decision:
     """Apply the policy to one question; ``first_elements`` is given at step 1 only.
 
-    ``already``: applicants of this lender accepted earlier in the same round (the rate limit
-    counts them too).
+    ``used``: applicants of this lender re-blinded in the last hour (``recent_applicants``)
+    plus those accepted earlier in the same round; the rate limit counts both.
     """
     count = len(consents)
-    refuse_all = _batch_reason(policy, lender, purpose, count, audit, now, already)
+    refuse_all = _batch_reason(policy, lender, purpose, count, used)
     if refuse_all is not None:
         return Decision([False] * count, {}, refuse_all)
     assert policy is not None
@@ -109,9 +108,7 @@ def _batch_reason(
     lender: str,
     purpose: str,
     count: int,
-    audit: QueryLog,
-    now: dt.datetime,
-    already: int = 0,
+    used: int,
 ) -> str | None:
     if policy is None:
         return "this platform has no policy file: it answers no lender"
@@ -123,7 +120,6 @@ def _batch_reason(
         return f"purpose {purpose} is not accepted by this platform"
     if count > policy.max_batch:
         return f"{count} applicants exceed this platform's max_batch of {policy.max_batch}"
-    used = recent_applicants(audit, lender, now) + already
     if used + count > policy.rate_limit_per_lender_per_hour:
         return (
             f"rate limit: {used} applicants in the last hour plus {count} exceed "
