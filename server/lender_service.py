@@ -134,8 +134,11 @@ class AnswerStore:
 class Dispatcher:
     """Questions from the API threads, answered in rounds by the thread that owns the Grid."""
 
-    def __init__(self, max_per_round: int) -> None:
+    def __init__(self, max_per_round: int, window_s: float = 0.05) -> None:
+        """``window_s``: after the first question arrives, how long to let a burst gather
+        before the round starts (a round costs the same whether it carries 1 or 1,000)."""
         self.max_per_round = max_per_round
+        self.window_s = window_s
         self._queue: queue.Queue[tuple[Question, cf.Future[QuestionAnswer]]] = queue.Queue()
         self.stopped = threading.Event()
         self.rounds = 0
@@ -151,6 +154,8 @@ class Dispatcher:
             first = self._queue.get(timeout=wait)
         except queue.Empty:
             return 0
+        if self.window_s > 0:
+            time.sleep(self.window_s)
         batch = [first]
         applicants = len(first[0].applicants)
         while len(batch) < self.max_per_round:
