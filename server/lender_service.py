@@ -134,11 +134,13 @@ class AnswerStore:
 class Dispatcher:
     """Questions from the API threads, answered in rounds by the thread that owns the Grid."""
 
-    def __init__(self, max_per_round: int, window_s: float = 0.05) -> None:
-        """``window_s``: after the first question arrives, how long to let a burst gather
-        before the round starts (a round costs the same whether it carries 1 or 1,000)."""
+    def __init__(
+        self, max_per_round: int, window_s: float = 0.1, max_gather_s: float = 2.0
+    ) -> None:
         self.max_per_round = max_per_round
         self.window_s = window_s
+        self.max_gather_s = max_gather_s
+        self._held: tuple[Question, cf.Future[QuestionAnswer]] | None = None
         self._queue: queue.Queue[tuple[Question, cf.Future[QuestionAnswer]]] = queue.Queue()
         self.stopped = threading.Event()
         self.rounds = 0
@@ -149,24 +151,32 @@ class Dispatcher:
         return future
 
     def run_once(self, answer: Answerer, wait: float = 0.2) -> int:
-        """Answer every question waiting (up to the round limit); returns how many."""
-        try:
-            first = self._queue.get(timeout=wait)
-        except queue.Empty:
-            return 0
-        if self.window_s > 0:
-            time.sleep(self.window_s)
+        """Answer every question waiting (up to the round limits); returns how many.
+
+        After the first question, the round keeps gathering while questions keep arriving
+        (each within ``window_s`` of the last, for at most ``max_gather_s``): a round costs
+        about the same for 1 or 1,000 applicants, so a burst should ride one round.
+        """
+        if self._held is not None:
+            first, self._held = self._held, None
+        else:
+            try:
+                first = self._queue.get(timeout=wait)
+            except queue.Empty:
+                return 0
         batch = [first]
         applicants = len(first[0].applicants)
-        while len(batch) < self.max_per_round:
+        deadline = time.monotonic() + self.max_gather_s
+        while len(batch) < self.max_per_round and time.monotonic() < deadline:
             try:
-                item = self._queue.get_nowait()
+                item = self._queue.get(timeout=self.window_s)
             except queue.Empty:
+                break
+            if applicants + len(item[0].applicants) > MAX_LENDER_BATCH:
+                self._held = item  # one platform message carries at most this many
                 break
             batch.append(item)
             applicants += len(item[0].applicants)
-            if applicants >= MAX_LENDER_BATCH:
-                break
         try:
             t0 = time.perf_counter()
             answers = answer([q for q, _ in batch])

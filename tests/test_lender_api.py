@@ -189,3 +189,24 @@ def test_a_valid_looking_forged_body_is_a_clean_422(client: TestClient, world: W
     body["applicants"][0]["sealed_secret"] = base64.b64encode(b"x" * 10).decode()
     r = client.post("/v1/debt-profile", json=body, headers=_auth("lender-01"))
     assert r.status_code == 422 and "sealed_secret" in r.json()["reason"]
+
+
+def test_dispatcher_rounds_never_exceed_one_platform_message() -> None:
+    """A round holds at most 1,000 applicants; the question that would overflow waits."""
+    from server.serving import Applicant, Question
+
+    dispatcher = Dispatcher(max_per_round=50, window_s=0.01)
+    stub = Applicant(element=b"", consent=None, sealed=b"")  # type: ignore[arg-type]
+    sizes = [1, 1000, 1, 998, 1]
+    futures = [
+        dispatcher.submit(Question(str(i), "l", "p", [stub] * n)) for i, n in enumerate(sizes)
+    ]
+    rounds: list[list[int]] = []
+
+    def answer(questions):  # type: ignore[no-untyped-def]
+        rounds.append([len(q.applicants) for q in questions])
+        return [object() for _ in questions]
+
+    while not all(f.done() for f in futures):
+        dispatcher.run_once(answer, wait=0.01)
+    assert rounds == [[1], [1000], [1, 998, 1]]
