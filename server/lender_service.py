@@ -135,7 +135,7 @@ class Dispatcher:
     """Questions from the API threads, answered in rounds by the thread that owns the Grid."""
 
     def __init__(
-        self, max_per_round: int, window_s: float = 0.1, max_gather_s: float = 5.0
+        self, max_per_round: int, window_s: float = 0.3, max_gather_s: float = 5.0
     ) -> None:
         self.max_per_round = max_per_round
         self.window_s = window_s
