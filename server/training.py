@@ -7,6 +7,10 @@ replies are score histograms; they are summed, and AUC and KS read off the sum (
 ``protocols.metrics``), never averaged across platforms. The same goes for calibration: the
 Brier score and reliability table come off the summed held-out histogram, and the PSI
 compares it with the summed histogram of the training rows' scores (``train-hist-*``).
+
+With ``secure-aggregation`` (the default) the scaler's sums, FedAvg's and every evaluation
+are secure sums (``server.secure_aggregation``): the coordinator never holds one platform's
+vector, so ``TrainedModel`` then carries only the summed histograms.
 """
 
 from __future__ import annotations
@@ -141,9 +145,18 @@ class TrainedModel:
     # The training rows' score histograms, from the same final evaluation as ``per_node``.
     train_per_node: dict[int, ScoreHistogram] = field(default_factory=dict)
 
+    # With secure aggregation the coordinator holds only these sums, never ``per_node``.
+    summed: ScoreHistogram | None = None
+    train_summed: ScoreHistogram | None = None
+    secure_aggregation: bool = False
+    # Platforms dropped mid-training (secure aggregation re-runs the round without them).
+    dropped: dict[str, str] = field(default_factory=dict)
+
     @property
     def histogram(self) -> ScoreHistogram:
         """Held-out scores summed over platforms."""
+        if self.summed is not None:
+            return self.summed
         total = ScoreHistogram.empty()
         for hist in self.per_node.values():
             total = total + hist
@@ -153,6 +166,8 @@ class TrainedModel:
     def train_histogram(self) -> ScoreHistogram | None:
         """Training rows' scores summed over platforms; None unless every platform sent
         them (a partial sum would make the PSI compare different populations)."""
+        if self.summed is not None:
+            return self.train_summed
         if not self.per_node or set(self.train_per_node) != set(self.per_node):
             return None
         return sum(self.train_per_node.values(), ScoreHistogram.empty())
@@ -195,15 +210,16 @@ def train_federated(
     feature_set: str,
     features: list[str],
     settings: FederationSettings,
+    names: dict[int, str] | None = None,
 ) -> TrainedModel:
-    """Federated scaling, then ``num-rounds`` of FedAvg, then a per-platform evaluation."""
+    """Federated scaling, then ``num-rounds`` of FedAvg, then a per-platform evaluation.
+
+    With ``secure-aggregation`` (``names``: node id -> enrolled platform name) every sum is
+    masked (``server.secure_aggregation``) and the final evaluation is a sum too.
+    """
     label = f"train {kind} ({feature_set} features)"
     progress.report(label, 0, settings.num_rounds, "scaling")
-    scaler = federated_scaler(grid, nodes, feature_set, features, settings)
-    model = build_model(kind, len(features), seed=settings.seed)
-    payload = instructions(kind, feature_set, features, scaler, settings).to_content()
-    config = payload.config_records[m.PAYLOAD_KEY]
-    strategy = StrictFedAvg(
+    strategy_args: dict[str, Any] = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=len(nodes),
@@ -212,6 +228,25 @@ def train_federated(
         configrecord_key=m.PAYLOAD_KEY,
         evaluate_metrics_aggr_fn=sum_histograms,
     )
+    rounds = None
+    if settings.secure_aggregation:
+        from server import secure_aggregation as sa
+
+        # A dropout shrinks the set down to two platforms (the sum still hides each one from
+        # the coordinator); min-nodes only says how many must connect before the run starts.
+        rounds = sa.SecureRounds(grid, sa.names_for(nodes, names), settings.timeout)
+        prefix = f"{kind}-{feature_set}"
+        request = m.FeatureStatsRequest(
+            feature_set=feature_set, features=features, test_share=settings.test_share
+        )
+        scaler = sa.secure_scaler(rounds, prefix, request)
+        strategy: StrictFedAvg = sa.SecureFedAvg(rounds, prefix, **strategy_args)
+    else:
+        scaler = federated_scaler(grid, nodes, feature_set, features, settings)
+        strategy = StrictFedAvg(**strategy_args)
+    model = build_model(kind, len(features), seed=settings.seed)
+    payload = instructions(kind, feature_set, features, scaler, settings).to_content()
+    config = payload.config_records[m.PAYLOAD_KEY]
     history: list[dict[str, float]] = []
 
     # Flower's strategy loop logs each round; the rounds' held-out metrics come back in the
@@ -249,7 +284,18 @@ def train_federated(
         rounds=settings.num_rounds,
         history=history,
     )
-    trained.per_node, trained.train_per_node = evaluate_per_node(grid, nodes, trained, settings)
+    if rounds is None:
+        trained.per_node, trained.train_per_node = evaluate_per_node(grid, nodes, trained, settings)
+        return trained
+
+    def final_request() -> RecordDict:
+        content = trained.instructions(settings).to_content()
+        content.array_records["arrays"] = trained.arrays
+        return content
+
+    trained.summed, trained.train_summed = sa.secure_evaluate(rounds, prefix, final_request)
+    trained.secure_aggregation = True
+    trained.dropped = dict(rounds.dropped)
     return trained
 
 
