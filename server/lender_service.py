@@ -37,7 +37,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -442,12 +442,3 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-
-
-def validate_serve_config(path: str) -> str | None:
-    """Why a ``serve.toml`` is unusable, or None."""
-    try:
-        ServeConfig.load(path)
-    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
-        return str(exc)
-    return None

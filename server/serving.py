@@ -14,7 +14,6 @@ platform hop, and one key-holder call per step for all of them.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import secrets
@@ -360,8 +359,3 @@ def open_serving_session(
     }
     log.info("serving session open: %s", session.stats)
     return session
-
-
-def pseudonym_digest(pseudonym: bytes) -> str:
-    """A short digest for logs (never the pseudonym itself)."""
-    return hashlib.sha256(pseudonym).hexdigest()[:12]
