@@ -363,6 +363,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not 1 <= rounds <= 100:
             raise UsageError("--rounds must be between 1 and 100")
         result = secagg_speed.run(args.platforms, args.borrowers, rounds, seed=args.seed)
+    elif args.name in ("query-latency", "query-load"):
+        from fedcredit.bench import lender_query
+
+        borrowers = args.borrowers or 2000
+        if args.name == "query-latency":
+            result = lender_query.run_latency(max(1, args.samples), borrowers, args.seed)
+        else:
+            if not 1 <= args.lenders <= 100 or args.queries < 1:
+                raise UsageError("--lenders 1-100 and --queries >= 1")
+            result = lender_query.run_load(args.lenders, args.queries, borrowers, args.seed)
     elif args.name == "uci":
         from fedcredit.bench import uci_federation
 
@@ -381,6 +391,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         except (ImportValidationError, MappingError) as exc:
             raise UsageError(f"--csv: {exc}") from None
+    elif args.name == "realdata":
+        from fedcredit.bench import realdata
+
+        result = realdata.from_args(args)
     else:  # argparse restricts choices; kept for safety
         raise UsageError(f"unknown benchmark {args.name!r}")
     if args.json:
@@ -558,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.register(sub)
     deploy_cli.register(sub)
     train_cli.register(sub)
+    from fedcredit import query_cli, serve_cli  # lender service (docs/lender-query.md)
+
+    serve_cli.register(sub)
+    query_cli.register(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -573,7 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ledgers", help="comma-separated existing ledgers (paths or SQLAlchemy URLs)"
     )
     demo.add_argument(
-        "--model", default="mlp,lr", help="lr, mlp or both (first is primary): default mlp,lr"
+        "--model",
+        default="mlp,lr",
+        help="comma list of lr, mlp, gbdt (first is primary): default mlp,lr",
     )
     demo.add_argument("--key-bits", type=int, default=2048, help="Paillier modulus: 2048 or 3072")
     demo.add_argument(
@@ -586,7 +606,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (figures and ratios vs a same-run baseline)")
     bench.add_argument(
-        "name", choices=["datagen", "datagen-quality", "paillier", "query", "uci", "secagg"]
+        "name",
+        choices=[
+            "datagen",
+            "datagen-quality",
+            "paillier",
+            "query",
+            "uci",
+            "secagg",
+            "realdata",
+            "query-latency",  # the lender API on a deployment (docs/lender-query.md)
+            "query-load",
+        ],
     )
     bench.add_argument(
         "--borrowers",
@@ -599,9 +630,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--key-bits", type=int, default=2048, help="paillier: 2048 or 3072")
     bench.add_argument("--tokens", type=int, default=3000, help="paillier: tokens to encrypt")
     bench.add_argument(
-        "--rounds", type=int, default=None, help="uci: FedAvg rounds (20); secagg: (5)"
+        "--rounds", type=int, default=None, help="uci, realdata: FedAvg rounds (20); secagg: (5)"
     )
-    bench.add_argument("--csv", help="uci: the CSV (default ../shared/data/uci_credit_card.csv)")
+    bench.add_argument(
+        "--csv", help="uci, realdata: the CSV (uci default ../shared/data/uci_credit_card.csv)"
+    )
+    bench.add_argument("--mapping", help="realdata: the CSV's import mapping (TOML)")
+    bench.add_argument(
+        "--split", choices=["random", "skewed"], default="random", help="realdata: platform split"
+    )
+    bench.add_argument("--model", help="realdata: model kinds (default gbdt,mlp,lr)")
+    bench.add_argument("--report-dir", help="realdata: also write realdata.json, .md and .png")
+    bench.add_argument("--lenders", type=int, default=20, help="query-load: lenders")
+    bench.add_argument("--queries", type=int, default=1000, help="query-load: questions")
+    bench.add_argument("--samples", type=int, default=15, help="query-latency: questions")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     return parser

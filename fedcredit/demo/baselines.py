@@ -17,8 +17,16 @@ import numpy as np
 from clients.features import with_cross_platform
 from clients.platform_data import PlatformData
 from protocols.features import CROSS_PLATFORM_FEATURES
+from protocols.gbdt import BoostParams, pooled_fit, pooled_scores
 from protocols.metrics import ScoreHistogram, exact_auc_ks
-from protocols.model import TrainConfig, build_model, predict_proba, scheduled_lr, train_local
+from protocols.model import (
+    TREE_KINDS,
+    TrainConfig,
+    build_model,
+    predict_proba,
+    scheduled_lr,
+    train_local,
+)
 from protocols.scaling import FeatureSums, combine
 
 
@@ -58,12 +66,28 @@ def fit_and_score(
     y_test: np.ndarray,
     passes: int,
     cfg: TrainConfig,
+    boost: BoostParams | None = None,
 ) -> Fit:
+    if kind in TREE_KINDS:
+        return _boosted_fit(X_train, y_train, X_test, y_test, boost)
     predict = train_pooled(kind, X_train, y_train, passes, cfg)
     scores = predict(X_test)
     return Fit(
         exact_auc_ks(y_test, scores), ScoreHistogram.of(scores, y_test), scores, y_test, predict
     )
+
+
+def _boosted_fit(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    boost: BoostParams | None,
+) -> Fit:
+    """scikit-learn's HistGradientBoosting on the bins the federation would agree on."""
+    model, edges, _ = pooled_fit(X_train, y_train, boost or BoostParams())
+    scores = pooled_scores(model, X_test, edges)
+    return Fit(exact_auc_ks(y_test, scores), ScoreHistogram.of(scores, y_test), scores, y_test)
 
 
 def pooled_totals(platforms: list[PlatformData]) -> dict[str, np.ndarray]:
@@ -114,10 +138,11 @@ def centralized(
     test_share: float,
     passes: int,
     cfg: TrainConfig,
+    boost: BoostParams | None = None,
 ) -> Fit:
     """One model on every platform's rows pooled; ``cross`` adds totals joined by token."""
     X_tr, y_tr, X_te, y_te = pooled_rows(platforms, features, cross, test_share)
-    return fit_and_score(kind, X_tr, y_tr, X_te, y_te, passes, cfg)
+    return fit_and_score(kind, X_tr, y_tr, X_te, y_te, passes, cfg, boost)
 
 
 def local_only(
@@ -126,6 +151,12 @@ def local_only(
     test_share: float,
     passes: int,
     cfg: TrainConfig,
+    boost: BoostParams | None = None,
+    features: list[str] | None = None,
 ) -> Fit:
-    """The platform alone: every feature its own ledger has, nobody else's borrowers."""
-    return fit_and_score(kind, *_split(data, data.features.X, test_share), passes, cfg)
+    """The platform alone: its own borrowers, and every feature its own ledger has unless
+    ``features`` names the columns (the federated model's, for a like-for-like check)."""
+    X = data.features.X
+    if features is not None:
+        X = X[:, [data.features.names.index(n) for n in features]]
+    return fit_and_score(kind, *_split(data, X, test_share), passes, cfg, boost)

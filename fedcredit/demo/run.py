@@ -34,7 +34,7 @@ from clients.platform_data import PlatformData, load_platform_data
 from fedcredit.datagen.bayes import expected_auc
 from fedcredit.demo import baselines
 from protocols.metrics import ScoreHistogram, calibration_summary
-from protocols.model import TrainConfig, parse_model_kinds
+from protocols.model import TREE_KINDS, TrainConfig, parse_model_kinds
 from protocols.split import in_test_set
 from protocols.tokens import write_federation_key
 from server.federation import load_histograms
@@ -146,7 +146,7 @@ def _run_simulation(
         "stages": opts.stages,
         **opts.run_config,
     }
-    if dp_sweep and opts.dp_epsilons:
+    if dp_sweep and opts.dp_epsilons and opts.model.split(",")[0] not in TREE_KINDS:
         from fedcredit.demo import privacy
 
         sweep = privacy.sweep_overrides(
@@ -264,6 +264,8 @@ def _privacy(
     from fedcredit.demo import privacy
 
     primary = opts.model.split(",")[0]
+    if primary in TREE_KINDS:  # DP-SGD and the attacks' model loading are for torch models
+        return {"dp": None, "dp_sweep": [], "membership_inference": {}}
     step("privacy", 0, 0, "membership-inference attacks")
     sweep = privacy.read_sweep(fed_out, primary, opts.dp_epsilons)
     attacks = privacy.attack_models(
