@@ -12,13 +12,16 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from clients.app import ERROR_REFUSED, build_client_app
 from fedcredit.bench import realdata
+from fedcredit.enrolment import Enrolment, enrol_platforms
 from fedcredit.inprocess import InProcessGrid
 from protocols import gbdt
 from protocols.messages import PAYLOAD_KEY, ProtocolError
@@ -52,6 +55,16 @@ def uci_subsample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def uci_ledgers(uci_subsample: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     folder = tmp_path_factory.mktemp("uci-gbdt")
     return realdata.import_split(uci_subsample, UCI_MAPPING, "random", 0, folder)
+
+
+@pytest.fixture(scope="module")
+def uci_enrolment(uci_ledgers: list[str], tmp_path_factory: pytest.TempPathFactory) -> Enrolment:
+    """Identities and a roster for the three UCI platforms: secure sums mask with them."""
+    return enrol_platforms(uci_ledgers, tmp_path_factory.mktemp("uci-enrolment"))
+
+
+def _app(ledgers: list[str], enrolment: Enrolment, mods: list[Any] | None = None) -> ClientApp:
+    return build_client_app(ledgers, enrolment.identities, enrolment.roster, mods)
 
 
 def _settings(out: Path, **extra: object) -> FederationSettings:
@@ -234,14 +247,27 @@ def test_gbdt_is_a_model_kind() -> None:
 # -- federated against pooled ------------------------------------------------------------------
 
 
-def test_federated_boosting_matches_pooled_on_uci(uci_ledgers: list[str], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def boosted(
+    uci_ledgers: list[str], uci_enrolment: Enrolment, tmp_path_factory: pytest.TempPathFactory
+) -> dict[bool, dict[str, Any]]:
+    """The same federation with secure aggregation (the default) and without."""
+    runs = {}
+    for secure in (True, False):
+        grid = InProcessGrid(_app(uci_ledgers, uci_enrolment), 3)
+        out = tmp_path_factory.mktemp(f"gbdt-secure-{secure}")
+        runs[secure] = run_federation(grid, _settings(out, **{"secure-aggregation": secure}))
+    return runs
+
+
+def test_federated_boosting_matches_pooled_on_uci(
+    uci_ledgers: list[str], boosted: dict[bool, dict[str, Any]]
+) -> None:
     from clients.platform_data import load_platform_data
     from fedcredit.demo import baselines
     from protocols.model import TrainConfig
 
-    grid = InProcessGrid(build_client_app(uci_ledgers), 3)
-    settings = _settings(tmp_path)
-    summary = run_federation(grid, settings)
+    summary = boosted[True]
     entry = summary["models"]["gbdt"]["local"]
     platforms = [load_platform_data(loc) for loc in uci_ledgers]
     pooled = baselines.centralized(
@@ -251,7 +277,6 @@ def test_federated_boosting_matches_pooled_on_uci(uci_ledgers: list[str], tmp_pa
     assert abs(entry["auc"] - pooled.metrics["auc"]) < 0.01, (entry["auc"], pooled.metrics)
     assert [h["round"] for h in entry["history"]] == list(range(1, SMALL.trees + 1))
     assert entry["history"][-1]["auc"] == entry["auc"]
-    assert set(entry["per_platform"]) == set(realdata.PLATFORMS)
     assert entry["calibration"]["brier"] is not None
 
     # Saved with the same metadata as the other kinds; the trees reproduce the scores.
@@ -268,8 +293,28 @@ def test_federated_boosting_matches_pooled_on_uci(uci_ledgers: list[str], tmp_pa
     assert abs(roc_auc_score(y, margin) - entry["auc"]) < 0.002
 
 
+def test_secure_boosting_grows_the_plain_trees(boosted: dict[bool, dict[str, Any]]) -> None:
+    """Secure sums differ from plain ones by at most P * 2**-(f+1) per entry (about 3e-11
+    for gradients); the splits are the same and leaf values agree far below that."""
+    secure, plain = (boosted[s]["models"]["gbdt"]["local"] for s in (True, False))
+    assert secure["secure_aggregation"] is True and plain["secure_aggregation"] is False
+    # Only the sums reach the coordinator: no per-platform histograms.
+    assert secure["per_platform"] == {} and set(plain["per_platform"]) == set(realdata.PLATFORMS)
+    bodies = [json.loads(Path(e["files"]["weights"]).read_text()) for e in (secure, plain)]
+    # The sketch counts are exact; the grid they count on is centred and scaled by the
+    # federated scaler, whose secure sums carry 2-limb rounding (below 1e-12 relative).
+    for a, b in zip(bodies[0]["edges"], bodies[1]["edges"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert bodies[0]["base_margin"] == bodies[1]["base_margin"]
+    for a, b in zip(bodies[0]["trees"], bodies[1]["trees"], strict=True):
+        assert a["feature"] == b["feature"] and a["threshold"] == b["threshold"]
+        np.testing.assert_allclose(a["value"], b["value"], rtol=0, atol=1e-9)
+    assert secure["n"] == plain["n"] and secure["auc"] == plain["auc"]
+    assert secure["history"] == plain["history"]
+
+
 def test_boosting_needs_only_node_state_between_messages(
-    uci_ledgers: list[str], tmp_path: Path
+    uci_ledgers: list[str], uci_enrolment: Enrolment, tmp_path: Path
 ) -> None:
     """A SuperNode may run every message in a fresh process: with every in-process cache
     dropped before each message, the model is the same."""
@@ -282,7 +327,7 @@ def test_boosting_needs_only_node_state_between_messages(
 
     runs = []
     for mods in ([], [fresh_process]):
-        grid = InProcessGrid(build_client_app(uci_ledgers, mods=mods), 3)
+        grid = InProcessGrid(_app(uci_ledgers, uci_enrolment, mods), 3)
         settings = _settings(tmp_path / str(len(mods)), **{"gbdt-trees": 3})
         runs.append(run_federation(grid, settings)["models"]["gbdt"]["local"])
     assert runs[0]["history"] == runs[1]["history"]

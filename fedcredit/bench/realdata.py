@@ -35,11 +35,12 @@ from clients.ledger.importer import import_file
 from clients.ledger.mapping import mapping_from_dict
 from clients.platform_data import PlatformData, load_platform_data
 from fedcredit.demo import baselines
+from fedcredit.enrolment import Enrolment, enrol_platforms
 from fedcredit.inprocess import InProcessGrid
 from protocols import gbdt
 from protocols.metrics import exact_auc_ks
 from protocols.model import TrainConfig, parse_model_kinds
-from server.federation import run_federation
+from server.federation import describe_platforms, run_federation
 from server.settings import FederationSettings
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,10 @@ def run(
                 "gbdt-bins": boost.bins,
             }
         )
-        grid = InProcessGrid(build_client_app(ledgers), len(ledgers))
+        # Enrolled like real nodes: secure aggregation masks with the roster's pinned keys.
+        enrolment = enrol_platforms(ledgers, folder / "enrolment")
+        app = build_client_app(ledgers, enrolment.identities, enrolment.roster)
+        grid = InProcessGrid(app, len(ledgers))
         t = time.perf_counter()
         summary = run_federation(grid, settings)
         t_fed = time.perf_counter() - t
@@ -190,7 +194,7 @@ def run(
         X_tr, y_tr, X_te, y_te = _pooled_rows(platforms, features, settings.test_share)
         cost = None
         if "gbdt" in kinds:
-            cost = round_costs(ledgers, features, settings, X_tr, y_tr, boost)
+            cost = round_costs(ledgers, enrolment, features, settings, X_tr, y_tr, boost)
     share = settings.test_share
     cfg = TrainConfig(
         learning_rate=settings.learning_rate, batch_size=settings.batch_size, seed=seed
@@ -266,6 +270,7 @@ COST_REPEATS = 3
 
 def round_costs(
     ledgers: list[str],
+    enrolment: Enrolment,
     features: list[str],
     settings: FederationSettings,
     X_train: np.ndarray,
@@ -291,9 +296,11 @@ def round_costs(
     federated, parallel, pooled = [], [], []
     for _ in range(COST_REPEATS):
         timer.calls.clear()
-        grid = InProcessGrid(build_client_app(ledgers, mods=[timer]), len(ledgers))
+        app = build_client_app(ledgers, enrolment.identities, enrolment.roster, [timer])
+        grid = InProcessGrid(app, len(ledgers))
         nodes = sorted(grid.get_node_ids())
-        model = train_boosted(grid, nodes, "gbdt", "local", features, short)
+        names = {n: d.platform for n, d in describe_platforms(grid, nodes, short).items()}
+        model = train_boosted(grid, nodes, "gbdt", "local", features, short, names)
         per_round = float(np.mean(model.round_seconds))
         federated.append(per_round)
         parallel.append(per_round - timer.saved_if_parallel("query.gbdt_level") / COST_TREES)
