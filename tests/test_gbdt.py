@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.app import ERROR_REFUSED, build_client_app
@@ -311,6 +311,83 @@ def test_secure_boosting_grows_the_plain_trees(boosted: dict[bool, dict[str, Any
         np.testing.assert_allclose(a["value"], b["value"], rtol=0, atol=1e-9)
     assert secure["n"] == plain["n"] and secure["auc"] == plain["auc"]
     assert secure["history"] == plain["history"]
+
+
+class _FailsFromTree:
+    """A Flower mod: one platform fails every level message from (tree, level) on."""
+
+    def __init__(self, partition: int, tree: int, level: int) -> None:
+        self.partition, self.at = partition, (tree, level)
+
+    def __call__(self, msg: Message, context, call_next):  # type: ignore[no-untyped-def]
+        if (
+            context.node_config.get("partition-id") == self.partition
+            and msg.metadata.message_type == "query.gbdt_level"
+        ):
+            req = gbdt.LevelRequest.from_content(msg.content, "test")
+            if (req.tree, req.level) >= self.at:
+                return Message(Error(2, "gbdt_level failed: out of memory"), reply_to=msg)
+        return call_next(msg, context)
+
+
+def test_a_dropout_mid_tree_grows_that_tree_again_over_the_rest(
+    uci_ledgers: list[str],
+    uci_enrolment: Enrolment,
+    boosted: dict[bool, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """platform-c fails at level 1 of tree 2: level 1 is re-run over the other two, then the
+    tree is grown again from level 0 (its root sums covered three platforms); the earlier
+    trees stay, every later sum covers the two platforms left."""
+    from protocols import secure_sum as ss
+
+    grid = InProcessGrid(_app(uci_ledgers, uci_enrolment, [_FailsFromTree(2, 2, 1)]), 3)
+    summary = run_federation(grid, _settings(tmp_path, **{"gbdt-trees": 4}))
+    assert summary["status"] == "ok", summary.get("error")
+    entry = summary["models"]["gbdt"]["local"]
+    assert list(entry["dropped"]) == ["platform-c"] and "out of memory" in str(entry["dropped"])
+    details = {p["platform"]: p for p in summary["platform_details"]}
+    assert entry["n"] == details["platform-a"]["test_rows"] + details["platform-b"]["test_rows"]
+    attempts = {}
+    for msg in grid.sent:
+        spec = ss.spec_of(msg.content, msg.metadata.message_type)
+        if spec is not None and "/tree/2" in spec.round_id:
+            attempts.setdefault(spec.round_id, set()).add(spec.participants)
+    assert {len(p) for p in attempts["gbdt-local/tree/2/level/1"]} == {2, 3}  # re-run
+    assert attempts["gbdt-local/tree/2/level/0"] == {tuple(realdata.PLATFORMS)}
+    assert attempts["gbdt-local/tree/2/restart/1/level/0"] == {realdata.PLATFORMS[:2]}
+    # The two trees grown before the drop are the full run's.
+    trees = json.loads(Path(entry["files"]["weights"]).read_text())["trees"]
+    full = boosted[True]["models"]["gbdt"]["local"]["files"]["weights"]
+    assert trees[:2] == json.loads(Path(full).read_text())["trees"][:2]
+    assert len(trees) == 4
+
+
+def test_level_zero_asked_again_needs_the_same_previous_tree(
+    uci_ledgers: list[str], uci_enrolment: Enrolment, tmp_path: Path
+) -> None:
+    """A re-run of level 0 keeps the platform's scores; a different previous tree is refused."""
+    grid = InProcessGrid(_app(uci_ledgers, uci_enrolment), 3)
+    run_federation(grid, _settings(tmp_path, **{"gbdt-trees": 2, "secure-aggregation": False}))
+    last = next(
+        msg
+        for msg in reversed(grid.sent)
+        if msg.metadata.message_type == "query.gbdt_level"
+        and gbdt.LevelRequest.from_content(msg.content, "t").level == 0
+    )
+    request = gbdt.LevelRequest.from_content(last.content, "t")
+    node = last.metadata.dst_node_id
+    context = grid.contexts[node]
+
+    def ask(req: gbdt.LevelRequest) -> Message:
+        msg = Message(req.to_content(), dst_node_id=node, message_type="query.gbdt_level")
+        return grid.client_app(msg, context)
+
+    again = ask(request)
+    assert not again.has_error(), again.error.reason if again.has_error() else ""
+    other = request.previous.model_copy(update={"value": [v + 0.5 for v in request.previous.value]})
+    refused = ask(request.model_copy(update={"previous": other}))
+    assert refused.has_error() and "different previous tree" in refused.error.reason
 
 
 def test_boosting_needs_only_node_state_between_messages(
