@@ -436,7 +436,10 @@ def test_realdata_bench_on_a_uci_subsample(uci_subsample: Path) -> None:
 
 
 @pytest.mark.slow
-def test_boosting_on_the_simulation_engine(uci_ledgers: list[str], tmp_path: Path) -> None:
+def test_boosting_on_the_simulation_engine(
+    uci_ledgers: list[str], uci_enrolment: Enrolment, tmp_path: Path
+) -> None:
+    """Through Flower's runtime, with secure aggregation (the default): every sum masked."""
     from flwr.simulation import run_simulation
 
     from server.app import build_server_app
@@ -450,7 +453,7 @@ def test_boosting_on_the_simulation_engine(uci_ledgers: list[str], tmp_path: Pat
     }
     run_simulation(
         server_app=build_server_app(overrides),
-        client_app=build_client_app(uci_ledgers),
+        client_app=_app(uci_ledgers, uci_enrolment),
         num_supernodes=3,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
@@ -458,6 +461,8 @@ def test_boosting_on_the_simulation_engine(uci_ledgers: list[str], tmp_path: Pat
     assert summary["status"] == "ok", summary.get("error")
     entry = summary["models"]["gbdt"]["local"]
     assert entry["auc"] > 0.70 and len(entry["history"]) == 4
+    assert entry["secure_aggregation"] is True and entry["per_platform"] == {}
+    assert "dropped" not in entry
     assert (out / "model-gbdt-local.trees.json").exists()
 
 
