@@ -430,6 +430,10 @@ def test_realdata_bench_on_a_uci_subsample(uci_subsample: Path) -> None:
     assert set(result["local_only"]) == set(realdata.PLATFORMS)
     cost = result["boosting_round_seconds"]
     assert cost["federated"] > 0 and cost["pooled_histgradientboosting"] > 0
+    assert cost["secure_aggregation"] is True and cost["federated_without_secure_aggregation"] > 0
+    # Per-platform federated AUCs come from the saved models, scored on each platform's rows.
+    for platform in realdata.PLATFORMS:
+        assert set(result["local_only"][platform]["federated_auc"]) == {"gbdt", "lr"}
 
 
 # -- through Flower's runtime ------------------------------------------------------------------

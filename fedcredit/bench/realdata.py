@@ -298,8 +298,16 @@ def round_costs(
     small = gbdt.BoostParams(COST_TREES, boost.depth, boost.learning_rate, boost.bins)
     longer = gbdt.BoostParams(4 * COST_TREES, boost.depth, boost.learning_rate, boost.bins)
     edges = gbdt.pooled_edges(X_train, boost.bins)
-    federated, parallel, pooled = [], [], []
+    plain_settings = short.model_copy(update={"secure_aggregation": False})
+    federated, parallel, pooled, plain = [], [], [], []
     for _ in range(COST_REPEATS):
+        # The same trees without secure aggregation: what the masking and the platforms'
+        # logged answers (one durable query-log commit per reply) add to a round.
+        app = build_client_app(ledgers, enrolment.identities, enrolment.roster)
+        grid = InProcessGrid(app, len(ledgers))
+        nodes = sorted(grid.get_node_ids())
+        model = train_boosted(grid, nodes, "gbdt", "local", features, plain_settings)
+        plain.append(float(np.mean(model.round_seconds)))
         timer.calls.clear()
         app = build_client_app(ledgers, enrolment.identities, enrolment.roster, [timer])
         grid = InProcessGrid(app, len(ledgers))
@@ -323,6 +331,9 @@ def round_costs(
         "within_3x": fed <= 3 * pool,
         "federated_platforms_in_parallel": round(par, 5),
         "ratio_platforms_in_parallel": round(par / pool, 2),
+        "secure_aggregation": bool(short.secure_aggregation),
+        "federated_without_secure_aggregation": round(float(np.median(plain)), 5),
+        "ratio_without_secure_aggregation": round(float(np.median(plain)) / pool, 2),
         "measured": (
             f"median of {COST_REPEATS} alternating runs; federated ({COST_TREES} trees) "
             "= every level message of a tree, the three platforms answering one after another "
