@@ -513,6 +513,9 @@ def save_boosted(
         "held_out": metrics,
         "history": model.history,
         "round_seconds_mean": float(np.mean(model.round_seconds)) if model.round_seconds else None,
+        "secure_aggregation": model.secure_aggregation,
+        "dropped_platforms": model.dropped,
+        "trees_regrown_after_dropout": model.restarts,
         "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "flwr_version": flwr.__version__,
         "output": "log-odds of default = base_margin + sum of the trees' leaf values; "

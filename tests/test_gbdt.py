@@ -361,6 +361,9 @@ def test_a_dropout_mid_tree_grows_that_tree_again_over_the_rest(
     full = boosted[True]["models"]["gbdt"]["local"]["files"]["weights"]
     assert trees[:2] == json.loads(Path(full).read_text())["trees"][:2]
     assert len(trees) == 4
+    meta = json.loads(Path(entry["files"]["metadata"]).read_text())
+    assert meta["dropped_platforms"] == entry["dropped"] and meta["secure_aggregation"] is True
+    assert meta["trees_regrown_after_dropout"] == 1
 
 
 def test_level_zero_asked_again_needs_the_same_previous_tree(
