@@ -105,6 +105,8 @@ def _sums(
     return aggregate(parts)
 
 
+NON_NEGATIVE = ("counts", "labels", "hess", "count", "hist-pos", "hist-neg")
+
 # Public bounds on one platform's entries (``protocols.training_sums``: ledgers of up to
 # 2**24 training rows). Gradients are ``p - y`` (|.| <= 1 per row) and hessians
 # ``p (1 - p)`` (<= 1/4 per row), so a (node, feature, bin) sum is at most the row count.
@@ -178,7 +180,14 @@ class Summer:
         fields: list[SumField],
     ) -> dict[str, np.ndarray]:
         if self.rounds is not None:
-            return self.rounds.run(f"{self.prefix}/{step}", message_type, fields, build)
+            sums = self.rounds.run(f"{self.prefix}/{step}", message_type, fields, build)
+            # One platform's arrays are never seen, so the checks the plain path makes per
+            # platform are made on the sum (a negative count or hessian there means at least
+            # one platform sent one).
+            negative = [k for k in NON_NEGATIVE if k in sums and (sums[k] < 0).any()]
+            if negative:
+                raise FederationError(f"{message_type}: negative summed {', '.join(negative)}")
+            return sums
         expected = {f.name: tuple(f.shape) for f in fields}
         return _sums(self.grid, self.nodes, message_type, build(), expected, self.settings)
 

@@ -366,6 +366,25 @@ def test_a_dropout_mid_tree_grows_that_tree_again_over_the_rest(
     assert meta["trees_regrown_after_dropout"] == 1
 
 
+def test_a_negative_summed_hessian_stops_the_secure_run(
+    uci_ledgers: list[str],
+    uci_enrolment: Enrolment,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bureau cannot check one platform's masked histograms, so it checks the sums."""
+    honest = gbdt.node_histograms
+
+    def lying(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        out = honest(*args, **kwargs)
+        return {**out, "hess": -out["hess"]}
+
+    monkeypatch.setattr(gbdt, "node_histograms", lying)
+    grid = InProcessGrid(_app(uci_ledgers, uci_enrolment), 3)
+    with pytest.raises(FederationError, match="negative summed hess"):
+        run_federation(grid, _settings(tmp_path, **{"gbdt-trees": 1}))
+
+
 def test_level_zero_asked_again_needs_the_same_previous_tree(
     uci_ledgers: list[str], uci_enrolment: Enrolment, tmp_path: Path
 ) -> None:
