@@ -8,18 +8,23 @@ for the bin edges, and the label count, for the starting score), ``query.gbdt_le
 The running scores of the platform's training and held-out rows live in Flower's node state
 (``BOOST_STATE``), so a node that runs each message in a fresh process keeps them; each level
 message must follow on from that state (same session, the next tree), or it is refused.
-Every per-platform sum leaves through ``protect``: the one place where the secure-summation
-masks are added (identity until the secure summation of training sums is plugged in).
+Every per-platform sum leaves through ``_reply``: when the request carries a secure-sum spec
+(``secure-aggregation``, the default) the sums leave as one masked vector
+(``clients.secure_sum.secure_reply``: same checks, pinned keys and query log as training);
+otherwise as named arrays. Level 0 of a tree may be asked again (a dropout re-runs it over the
+remaining platforms): the platform then keeps its scores and requires the same previous tree.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from clients.platform_data import PlatformData
+from clients.secure_sum import requested_spec, secure_reply
 from protocols import gbdt
 from protocols import messages as m
 from protocols.metrics import ScoreHistogram
@@ -28,13 +33,14 @@ BOOST_STATE = "fedcredit.gbdt"
 SUMS_KEY = "sums"
 
 
-def protect(arrays: dict[str, np.ndarray], _ctx: Context, _what: str) -> dict[str, np.ndarray]:
-    """Hook for pairwise-masked secure summation of the named sums (identity for now)."""
-    return arrays
-
-
-def _reply(arrays: dict[str, np.ndarray], ctx: Context, what: str) -> RecordDict:
-    return RecordDict({SUMS_KEY: gbdt.arrays_to_record(protect(arrays, ctx, what))})
+def _reply(
+    msg: Message, arrays: dict[str, np.ndarray], ctx: Context, data: PlatformData, what: str
+) -> RecordDict:
+    """The sums, masked when the request asks for a secure sum, else as named arrays."""
+    spec = requested_spec(msg.content, what)
+    if spec is not None:
+        return secure_reply(spec, arrays, ctx, data, what)
+    return RecordDict({SUMS_KEY: gbdt.arrays_to_record(arrays)})
 
 
 def _rows(
@@ -50,7 +56,7 @@ def sketch(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     X, y = _rows(req, ctx, data, "train")
     counts = gbdt.sketch_counts(X, np.asarray(req.centre), np.asarray(req.scale))
     sums = {"counts": counts, "labels": np.array([float(len(y)), float(y.sum())])}
-    return _reply(sums, ctx, "query.gbdt_sketch")
+    return _reply(msg, sums, ctx, data, "query.gbdt_sketch")
 
 
 def _state(ctx: Context) -> ConfigRecord | None:
@@ -79,16 +85,25 @@ def _save_state(
     train: np.ndarray,
     test: np.ndarray,
     edges: dict[str, bytes | int],
+    previous: str,
 ) -> None:
     ctx.state.config_records[BOOST_STATE] = ConfigRecord(
         {
             "session": session,
             "trees": trees,
+            "previous": previous,
             "train": train.astype("<f8").tobytes(),
             "test": test.astype("<f8").tobytes(),
             **edges,
         }
     )
+
+
+def _digest(tree: gbdt.Tree | None) -> str:
+    """Names the tree last added to the running scores (empty before the first)."""
+    if tree is None:
+        return ""
+    return hashlib.sha256(tree.model_dump_json().encode()).hexdigest()
 
 
 _binned: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -161,7 +176,14 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         assert state is not None
         trees = int(state["trees"])  # type: ignore[arg-type]
         expected = req.tree - 1 if req.level == 0 else req.tree
-        if trees != expected:
+        # Level 0 asked again (a re-run after a dropout): the scores already hold the
+        # previous tree, which must be the same one.
+        again = req.level == 0 and trees == req.tree and req.previous is not None
+        if again and state.get("previous") != _digest(req.previous):
+            raise m.ProtocolError(
+                f"{what}: tree {req.tree} level 0 asked again with a different previous tree"
+            )
+        if trees != expected and not again:
             raise m.ProtocolError(
                 f"{what}: tree {req.tree} level {req.level} does not follow on from the "
                 f"{trees} tree(s) this platform holds"
@@ -170,12 +192,12 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         test = np.frombuffer(state["test"], dtype="<f8").copy()  # type: ignore[arg-type]
         if len(train) != len(y) or len(test) != len(y_test):
             raise m.ProtocolError(f"{what}: this platform's rows changed during the session")
-        if req.previous is not None:
+        if req.previous is not None and not again:
             train += gbdt.tree_output(req.previous, binned)
             test += gbdt.tree_output(req.previous, binned_test)
             trees += 1
     if req.level == 0:  # a new tree: the scores moved on (or started)
-        _save_state(ctx, req.session_id, trees, train, test, edge_blob)
+        _save_state(ctx, req.session_id, trees, train, test, edge_blob, _digest(req.previous))
     p = gbdt.sigmoid(train)
     node = _route(req, data, binned)
     sums = gbdt.node_histograms(binned, p - y, p * (1 - p), node, req.nodes, req.bins)
@@ -189,13 +211,16 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
                 "test-loss": np.array([gbdt.logistic_loss_sum(test, y_test), float(len(y_test))]),
             }
         )
-    return _reply(sums, ctx, what)
+    return _reply(msg, sums, ctx, data, what)
 
 
 def evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     """The finished model's held-out and training-row score histograms (as ``evaluate``)."""
-    req = gbdt.EvaluateRequest.from_content(msg.content, "query.gbdt_evaluate")
+    what = "query.gbdt_evaluate"
+    req = gbdt.EvaluateRequest.from_content(msg.content, what)
+    spec = requested_spec(msg.content, what)
     out: dict[str, object] = {}
+    sums: dict[str, np.ndarray] = {}
     for split, prefix in (("test", "hist"), ("train", "train-hist")):
         X, y = _rows(req, ctx, data, split)
         margin = gbdt.model_margin(
@@ -204,7 +229,12 @@ def evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         hist = ScoreHistogram.of(gbdt.sigmoid(margin), y)
         out[f"{prefix}-pos"] = hist.positives.tolist()
         out[f"{prefix}-neg"] = hist.negatives.tolist()
+        sums[f"{prefix}-pos"], sums[f"{prefix}-neg"] = hist.positives, hist.negatives
         if split == "test":
+            loss = gbdt.logistic_loss_sum(margin, y)
             out["num-examples"] = len(y)
-            out["loss"] = gbdt.logistic_loss_sum(margin, y) / len(y) if len(y) else 0.0
+            out["loss"] = loss / len(y) if len(y) else 0.0
+            sums["n"], sums["loss"] = np.asarray(float(len(y))), np.asarray(loss)
+    if spec is not None:  # the same figures as the secure ``evaluate`` reply, masked
+        return secure_reply(spec, sums, ctx, data, what)
     return RecordDict({"metrics": MetricRecord(out)})  # type: ignore[arg-type]

@@ -40,6 +40,9 @@ from pydantic import Field, model_validator
 from protocols.messages import MAX_FEATURES, FeatureName, Payload, ProtocolError
 
 SKETCH_CELLS = 2048
+# Relative gain difference below which two candidate splits count as tied (``best_split``);
+# far above the secure sums' rounding (about 1e-12 relative), far below real differences.
+TIE_TOLERANCE = 1e-9
 # The grid is linear within 1/SKETCH_GAIN of a scale unit around its centre and logarithmic
 # beyond (about 2 % relative steps), out to a hundred million scale units: heavy tails keep
 # resolution wherever the mass is.
@@ -283,9 +286,15 @@ def best_split(
     gain = np.where(ok, gain, -np.inf)
     if not np.isfinite(gain).any():
         return None
-    f, b = np.unravel_index(int(np.argmax(gain)), gain.shape)
-    if gain[f, b] <= 1e-12:
+    best = float(np.max(gain))
+    if best <= 1e-12:
         return None
+    # Gains within TIE_TOLERANCE of the best are ties, and the first (feature, bin) wins:
+    # two features that part the rows the same way (a count and its indicator, say) tie
+    # exactly, and the rounding of a secure sum (or the order of a float sum) must not
+    # decide between them.
+    first = int(np.flatnonzero(gain.ravel() >= best - TIE_TOLERANCE * abs(best))[0])
+    f, b = np.unravel_index(first, gain.shape)
     return Split(
         int(f),
         int(b),

@@ -7,10 +7,19 @@ and the per-message validation every other fedcredit exchange has; and its sums 
 through the same secure summation as every other sum here. The boosting itself is small:
 histograms of gradients, the usual gain, leaf values ``-G / (H + lambda)``.
 
-Every per-platform sum passes through ``aggregate``, one call taking each platform's dict
-of named float arrays: the place where secure summation of training sums plugs in. The
-bureau sees summed histograms, the splits it chooses and the leaf values; the final
-evaluation returns per-platform score histograms exactly as the other models' does.
+Every per-platform sum (the scaler's feature sums, the bin-edge sketch counts, the per-level
+gradient/hessian/count histograms, the held-out score histograms) goes through one
+``Summer``. With ``secure-aggregation`` (the default) it is a secure sum
+(``server.secure_aggregation``, bounds in ``protocols.training_sums``): the bureau holds only
+the sums over platforms, the splits it chooses and the leaf values, and the final evaluation
+is a summed histogram like the other models'. Without it, each platform's named arrays are
+checked and added by ``aggregate`` and the final evaluation is per platform.
+
+Dropouts under secure aggregation: a platform that fails during a step is dropped and that
+step is re-run over the rest with fresh masks (``SecureRounds``). If the platform set changed
+after level 0 of a tree, the tree is restarted from level 0 over the remaining platforms
+(its earlier levels summed a larger set, and a split's sibling is derived by subtracting sums,
+so mixing sets would give wrong sums); trees already finished stay as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import datetime as dt
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +39,10 @@ from flwr.serverapp import Grid
 
 from protocols import gbdt
 from protocols import messages as m
+from protocols import training_sums as ts
 from protocols.metrics import BINS, ScoreHistogram, calibration_summary
 from protocols.scaling import Scaler
+from protocols.secure_sum import SumField
 from server import progress
 from server.settings import FederationSettings
 from server.training import (
@@ -94,6 +105,93 @@ def _sums(
     return aggregate(parts)
 
 
+NON_NEGATIVE = ("counts", "labels", "hess", "count", "hist-pos", "hist-neg")
+
+# Public bounds on one platform's entries (``protocols.training_sums``: ledgers of up to
+# 2**24 training rows). Gradients are ``p - y`` (|.| <= 1 per row) and hessians
+# ``p (1 - p)`` (<= 1/4 per row), so a (node, feature, bin) sum is at most the row count.
+ROWS_BITS = 24
+
+
+def sketch_fields(features: int) -> list[SumField]:
+    return [
+        SumField(
+            name="counts",
+            shape=(features, gbdt.SKETCH_CELLS),
+            bound_bits=ts.COUNT_BITS,
+            integer=True,
+        ),
+        SumField(name="labels", shape=(2,), bound_bits=ts.COUNT_BITS, integer=True),
+    ]
+
+
+def level_fields(nodes: int, features: int, bins: int, first: bool) -> list[SumField]:
+    """Gradient and hessian sums (bounded by the rows), exact counts; level 0 adds the
+    held-out score histograms and (log-loss sum, rows) of the model so far."""
+    shape = (nodes, features, bins)
+    fields = [
+        SumField(name="grad", shape=shape, bound_bits=ROWS_BITS),
+        SumField(name="hess", shape=shape, bound_bits=ROWS_BITS - 2),
+        SumField(name="count", shape=shape, bound_bits=ts.COUNT_BITS, integer=True),
+    ]
+    if first:
+        fields += [
+            SumField(name=h, shape=(BINS,), bound_bits=ts.COUNT_BITS, integer=True)
+            for h in ("hist-pos", "hist-neg")
+        ]
+        fields.append(SumField(name="test-loss", shape=(2,), bound_bits=ts.LOSS_BITS))
+    return fields
+
+
+@dataclass
+class Summer:
+    """Every per-platform sum of one boosted model: plain (``aggregate``) or secure."""
+
+    grid: Grid
+    nodes: Sequence[int]
+    settings: FederationSettings
+    prefix: str
+    rounds: Any = None  # server.secure_aggregation.SecureRounds under secure aggregation
+
+    @property
+    def secure(self) -> bool:
+        return self.rounds is not None
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a platform is dropped (the set being summed shrank)."""
+        return len(self.rounds.dropped) if self.rounds is not None else 0
+
+    def scaler(self, feature_set: str, features: list[str]) -> Scaler:
+        if self.rounds is None:
+            return federated_scaler(self.grid, self.nodes, feature_set, features, self.settings)
+        from server import secure_aggregation as sa
+
+        request = m.FeatureStatsRequest(
+            feature_set=feature_set, features=features, test_share=self.settings.test_share
+        )
+        return sa.secure_scaler(self.rounds, self.prefix, request)
+
+    def __call__(
+        self,
+        step: str,
+        message_type: str,
+        build: Callable[[], RecordDict],
+        fields: list[SumField],
+    ) -> dict[str, np.ndarray]:
+        if self.rounds is not None:
+            sums = self.rounds.run(f"{self.prefix}/{step}", message_type, fields, build)
+            # One platform's arrays are never seen, so the checks the plain path makes per
+            # platform are made on the sum (a negative count or hessian there means at least
+            # one platform sent one).
+            negative = [k for k in NON_NEGATIVE if k in sums and (sums[k] < 0).any()]
+            if negative:
+                raise FederationError(f"{message_type}: negative summed {', '.join(negative)}")
+            return sums
+        expected = {f.name: tuple(f.shape) for f in fields}
+        return _sums(self.grid, self.nodes, message_type, build(), expected, self.settings)
+
+
 @dataclass
 class BoostedModel:
     """A federated boosted model, with what the report needs (like ``TrainedModel``)."""
@@ -114,8 +212,11 @@ class BoostedModel:
     # Whether the histograms were secure sums, and platforms dropped mid-training.
     secure_aggregation: bool = False
     dropped: dict[str, str] = field(default_factory=dict)
-    # Only set when histograms are secure sums (then ``per_node`` is empty); not yet for gbdt.
+    # Only set when histograms are secure sums (then ``per_node`` is empty).
     summed: ScoreHistogram | None = None
+    train_summed: ScoreHistogram | None = None
+    # Trees restarted because a platform dropped after their level 0 (secure aggregation).
+    restarts: int = 0
 
     @property
     def rounds(self) -> int:
@@ -123,10 +224,14 @@ class BoostedModel:
 
     @property
     def histogram(self) -> ScoreHistogram:
+        if self.summed is not None:
+            return self.summed
         return sum(self.per_node.values(), ScoreHistogram.empty())
 
     @property
     def train_histogram(self) -> ScoreHistogram | None:
+        if self.summed is not None:
+            return self.train_summed
         if not self.per_node or set(self.train_per_node) != set(self.per_node):
             return None
         return sum(self.train_per_node.values(), ScoreHistogram.empty())
@@ -164,34 +269,28 @@ def params_of(settings: FederationSettings) -> gbdt.BoostParams:
 
 
 def agree_bins(
-    grid: Grid,
-    nodes: Sequence[int],
-    feature_set: str,
-    features: list[str],
-    settings: FederationSettings,
+    summer: Summer, feature_set: str, features: list[str]
 ) -> tuple[Scaler, list[list[float]], float]:
     """Federated scaling, then the summed grid counts: bin edges and the starting score."""
-    scaler = federated_scaler(grid, nodes, feature_set, features, settings)
+    scaler = summer.scaler(feature_set, features)
     centre, scale = scaler.mean, scaler.std
-    for first in (True, False):
+    for attempt, first in enumerate((True, False)):
         request = gbdt.SketchRequest(
             feature_set=feature_set,
             features=features,
-            test_share=settings.test_share,
+            test_share=summer.settings.test_share,
             centre=centre.tolist(),
             scale=scale.tolist(),
         )
-        sums = _sums(
-            grid,
-            nodes,
+        sums = summer(
+            f"sketch/{attempt}",
             "query.gbdt_sketch",
-            request.to_content(),
-            {"counts": (len(features), gbdt.SKETCH_CELLS), "labels": (2,)},
-            settings,
+            request.to_content,
+            sketch_fields(len(features)),
         )
         if first:
             centre, scale = gbdt.recentre(sums["counts"], centre, scale)
-    edges = gbdt.edges_from_counts(sums["counts"], centre, scale, settings.gbdt_bins)
+    edges = gbdt.edges_from_counts(sums["counts"], centre, scale, summer.settings.gbdt_bins)
     rows, positives = sums["labels"]
     if rows <= 0:
         raise FederationError("no training rows on any platform")
@@ -199,13 +298,18 @@ def agree_bins(
     return scaler, edges, float(np.log(rate / (1 - rate)))
 
 
+class _SetChanged(Exception):
+    """A platform dropped after level 0 of the tree being grown: grow it again."""
+
+
 def _grow_tree(
-    grid: Grid,
-    nodes: Sequence[int],
-    model: BoostedModel,
-    settings: FederationSettings,
+    summer: Summer, model: BoostedModel, attempt: int = 0
 ) -> tuple[gbdt.Tree, dict[str, np.ndarray]]:
-    """One tree, level by level; returns it and the level-0 extras (held-out sums so far)."""
+    """One tree, level by level; returns it and the level-0 extras (held-out sums so far).
+
+    Raises ``_SetChanged`` when the platform set shrank after level 0 (secure dropouts).
+    """
+    settings = summer.settings
     depth, lr = model.params.depth, model.params.learning_rate
     n = gbdt.heap_size(depth)
     feature, threshold, value = [-1] * n, [0] * n, [0.0] * n
@@ -214,6 +318,8 @@ def _grow_tree(
     sums: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     ask, derive = [0], {}  # nodes to request; node -> (parent, sibling) to derive by subtraction
     extras: dict[str, np.ndarray] = {}
+    generation = summer.generation
+    tree_id = f"tree/{len(model.trees)}" + (f"/restart/{attempt}" if attempt else "")
     for level in range(depth):
         current = gbdt.Tree(feature=list(feature), threshold=list(threshold), value=list(value))
         first = level == 0 and not model.trees
@@ -225,12 +331,17 @@ def _grow_tree(
             current=current,
             previous=model.trees[-1] if level == 0 and model.trees else None,
         )
-        expected = {k: (len(ask), F, bins) for k in ("grad", "hess", "count")}
+        got = summer(
+            f"{tree_id}/level/{level}",
+            "query.gbdt_level",
+            request.to_content,
+            level_fields(len(ask), F, bins, level == 0),
+        )
         if level == 0:
-            expected.update({"hist-pos": (BINS,), "hist-neg": (BINS,), "test-loss": (2,)})
-        got = _sums(grid, nodes, "query.gbdt_level", request.to_content(), expected, settings)
-        if level == 0:
+            generation = summer.generation  # a dropout during level 0 re-ran level 0 only
             extras = {k: got[k] for k in ("hist-pos", "hist-neg", "test-loss")}
+        elif summer.generation != generation:
+            raise _SetChanged
         for i, node in enumerate(ask):
             sums[node] = (got["grad"][i], got["hess"][i], got["count"][i])
         for node, (parent, sibling) in derive.items():
@@ -283,12 +394,22 @@ def train_boosted(
     feature_set: str,
     features: list[str],
     settings: FederationSettings,
+    names: dict[int, str] | None = None,
 ) -> BoostedModel:
-    """Agree bins, grow ``gbdt-trees`` trees from summed histograms, evaluate per platform."""
+    """Agree bins, grow ``gbdt-trees`` trees from summed histograms, evaluate.
+
+    With ``secure-aggregation`` (``names``: node id -> enrolled platform name) every sum is
+    a secure sum and the evaluation is summed too (``summed``; no per-platform histograms).
+    """
     label = f"train {kind} ({feature_set} features)"
     params = params_of(settings)
+    summer = Summer(grid, nodes, settings, f"{kind}-{feature_set}")
+    if settings.secure_aggregation:
+        from server import secure_aggregation as sa
+
+        summer.rounds = sa.SecureRounds(grid, sa.names_for(nodes, names), settings.timeout)
     progress.report(label, 0, params.trees, "agreeing bin edges")
-    scaler, edges, base = agree_bins(grid, nodes, feature_set, features, settings)
+    scaler, edges, base = agree_bins(summer, feature_set, features)
     model = BoostedModel(
         kind=kind,
         feature_set=feature_set,
@@ -301,13 +422,26 @@ def train_boosted(
     )
     for t in range(params.trees):
         started = time.perf_counter()
-        tree, extras = _grow_tree(grid, nodes, model, settings)
+        attempt = 0
+        while True:
+            try:
+                tree, extras = _grow_tree(summer, model, attempt)
+                break
+            except _SetChanged:
+                attempt += 1
+                model.restarts += 1
+                log.warning("%s: a platform dropped during tree %d; growing it again", label, t)
         model.trees.append(tree)
         model.round_seconds.append(time.perf_counter() - started)
         if t > 0:  # level 0 of tree t scored the model of t trees (t = 0: the prior alone)
             model.history.append(_history_entry(t, extras))
             progress.report(label, t, params.trees, f"AUC {model.history[-1]['auc']:.4f}")
-    model.per_node, model.train_per_node, loss = evaluate_boosted(grid, nodes, model, settings)
+    if summer.rounds is not None:
+        model.summed, model.train_summed, loss = secure_evaluate_boosted(summer, model)
+        model.secure_aggregation = True
+        model.dropped = dict(summer.rounds.dropped)
+    else:
+        model.per_node, model.train_per_node, loss = evaluate_boosted(grid, nodes, model, settings)
     final = model.histogram
     model.history.append(
         {
@@ -320,6 +454,18 @@ def train_boosted(
     )
     progress.report(label, params.trees, params.trees, f"AUC {final.auc():.4f}")
     return model
+
+
+def secure_evaluate_boosted(
+    summer: Summer, model: BoostedModel
+) -> tuple[ScoreHistogram, ScoreHistogram, float]:
+    """Summed held-out and training-row histograms and the held-out log-loss (secure)."""
+    from server import secure_aggregation as sa
+
+    request = gbdt.EvaluateRequest(**model.spec(summer.settings), trees=model.trees)
+    sums = summer("final-evaluate", "query.gbdt_evaluate", request.to_content, ts.evaluate_fields())
+    held_out, train = sa.histograms_of(sums)
+    return held_out, train, float(sums["loss"]) / max(float(sums["n"]), 1.0)
 
 
 def evaluate_boosted(
@@ -376,6 +522,9 @@ def save_boosted(
         "held_out": metrics,
         "history": model.history,
         "round_seconds_mean": float(np.mean(model.round_seconds)) if model.round_seconds else None,
+        "secure_aggregation": model.secure_aggregation,
+        "dropped_platforms": model.dropped,
+        "trees_regrown_after_dropout": model.restarts,
         "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "flwr_version": flwr.__version__,
         "output": "log-odds of default = base_margin + sum of the trees' leaf values; "

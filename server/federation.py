@@ -216,7 +216,7 @@ def run_federation(
         def train(kind: str, feature_set: str, names_: list[str]) -> None:
             t = time.perf_counter()
             if kind in TREE_KINDS:
-                trained = train_boosted(grid, nodes, kind, feature_set, names_, settings)
+                trained = train_boosted(grid, nodes, kind, feature_set, names_, settings, names)
             else:
                 trained = train_federated(grid, nodes, kind, feature_set, names_, settings, names)
             entry = _model_summary(trained, names, {})

@@ -12,13 +12,16 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from clients.app import ERROR_REFUSED, build_client_app
 from fedcredit.bench import realdata
+from fedcredit.enrolment import Enrolment, enrol_platforms
 from fedcredit.inprocess import InProcessGrid
 from protocols import gbdt
 from protocols.messages import PAYLOAD_KEY, ProtocolError
@@ -52,6 +55,16 @@ def uci_subsample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def uci_ledgers(uci_subsample: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     folder = tmp_path_factory.mktemp("uci-gbdt")
     return realdata.import_split(uci_subsample, UCI_MAPPING, "random", 0, folder)
+
+
+@pytest.fixture(scope="module")
+def uci_enrolment(uci_ledgers: list[str], tmp_path_factory: pytest.TempPathFactory) -> Enrolment:
+    """Identities and a roster for the three UCI platforms: secure sums mask with them."""
+    return enrol_platforms(uci_ledgers, tmp_path_factory.mktemp("uci-enrolment"))
+
+
+def _app(ledgers: list[str], enrolment: Enrolment, mods: list[Any] | None = None) -> ClientApp:
+    return build_client_app(ledgers, enrolment.identities, enrolment.roster, mods)
 
 
 def _settings(out: Path, **extra: object) -> FederationSettings:
@@ -234,14 +247,27 @@ def test_gbdt_is_a_model_kind() -> None:
 # -- federated against pooled ------------------------------------------------------------------
 
 
-def test_federated_boosting_matches_pooled_on_uci(uci_ledgers: list[str], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def boosted(
+    uci_ledgers: list[str], uci_enrolment: Enrolment, tmp_path_factory: pytest.TempPathFactory
+) -> dict[bool, dict[str, Any]]:
+    """The same federation with secure aggregation (the default) and without."""
+    runs = {}
+    for secure in (True, False):
+        grid = InProcessGrid(_app(uci_ledgers, uci_enrolment), 3)
+        out = tmp_path_factory.mktemp(f"gbdt-secure-{secure}")
+        runs[secure] = run_federation(grid, _settings(out, **{"secure-aggregation": secure}))
+    return runs
+
+
+def test_federated_boosting_matches_pooled_on_uci(
+    uci_ledgers: list[str], boosted: dict[bool, dict[str, Any]]
+) -> None:
     from clients.platform_data import load_platform_data
     from fedcredit.demo import baselines
     from protocols.model import TrainConfig
 
-    grid = InProcessGrid(build_client_app(uci_ledgers), 3)
-    settings = _settings(tmp_path)
-    summary = run_federation(grid, settings)
+    summary = boosted[True]
     entry = summary["models"]["gbdt"]["local"]
     platforms = [load_platform_data(loc) for loc in uci_ledgers]
     pooled = baselines.centralized(
@@ -251,7 +277,6 @@ def test_federated_boosting_matches_pooled_on_uci(uci_ledgers: list[str], tmp_pa
     assert abs(entry["auc"] - pooled.metrics["auc"]) < 0.01, (entry["auc"], pooled.metrics)
     assert [h["round"] for h in entry["history"]] == list(range(1, SMALL.trees + 1))
     assert entry["history"][-1]["auc"] == entry["auc"]
-    assert set(entry["per_platform"]) == set(realdata.PLATFORMS)
     assert entry["calibration"]["brier"] is not None
 
     # Saved with the same metadata as the other kinds; the trees reproduce the scores.
@@ -268,8 +293,127 @@ def test_federated_boosting_matches_pooled_on_uci(uci_ledgers: list[str], tmp_pa
     assert abs(roc_auc_score(y, margin) - entry["auc"]) < 0.002
 
 
+def test_secure_boosting_grows_the_plain_trees(boosted: dict[bool, dict[str, Any]]) -> None:
+    """Secure sums differ from plain ones by at most P * 2**-(f+1) per entry (about 3e-11
+    for gradients); the splits are the same and leaf values agree far below that."""
+    secure, plain = (boosted[s]["models"]["gbdt"]["local"] for s in (True, False))
+    assert secure["secure_aggregation"] is True and plain["secure_aggregation"] is False
+    # Only the sums reach the coordinator: no per-platform histograms.
+    assert secure["per_platform"] == {} and set(plain["per_platform"]) == set(realdata.PLATFORMS)
+    bodies = [json.loads(Path(e["files"]["weights"]).read_text()) for e in (secure, plain)]
+    # The sketch counts are exact; the grid they count on is centred and scaled by the
+    # federated scaler, whose secure sums carry 2-limb rounding (below 1e-12 relative).
+    for a, b in zip(bodies[0]["edges"], bodies[1]["edges"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert bodies[0]["base_margin"] == bodies[1]["base_margin"]
+    for a, b in zip(bodies[0]["trees"], bodies[1]["trees"], strict=True):
+        assert a["feature"] == b["feature"] and a["threshold"] == b["threshold"]
+        np.testing.assert_allclose(a["value"], b["value"], rtol=0, atol=1e-9)
+    assert secure["n"] == plain["n"] and secure["auc"] == plain["auc"]
+    assert secure["history"] == plain["history"]
+
+
+class _FailsFromTree:
+    """A Flower mod: one platform fails every level message from (tree, level) on."""
+
+    def __init__(self, partition: int, tree: int, level: int) -> None:
+        self.partition, self.at = partition, (tree, level)
+
+    def __call__(self, msg: Message, context, call_next):  # type: ignore[no-untyped-def]
+        if (
+            context.node_config.get("partition-id") == self.partition
+            and msg.metadata.message_type == "query.gbdt_level"
+        ):
+            req = gbdt.LevelRequest.from_content(msg.content, "test")
+            if (req.tree, req.level) >= self.at:
+                return Message(Error(2, "gbdt_level failed: out of memory"), reply_to=msg)
+        return call_next(msg, context)
+
+
+def test_a_dropout_mid_tree_grows_that_tree_again_over_the_rest(
+    uci_ledgers: list[str],
+    uci_enrolment: Enrolment,
+    boosted: dict[bool, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """platform-c fails at level 1 of tree 2: level 1 is re-run over the other two, then the
+    tree is grown again from level 0 (its root sums covered three platforms); the earlier
+    trees stay, every later sum covers the two platforms left."""
+    from protocols import secure_sum as ss
+
+    grid = InProcessGrid(_app(uci_ledgers, uci_enrolment, [_FailsFromTree(2, 2, 1)]), 3)
+    summary = run_federation(grid, _settings(tmp_path, **{"gbdt-trees": 4}))
+    assert summary["status"] == "ok", summary.get("error")
+    entry = summary["models"]["gbdt"]["local"]
+    assert list(entry["dropped"]) == ["platform-c"] and "out of memory" in str(entry["dropped"])
+    details = {p["platform"]: p for p in summary["platform_details"]}
+    assert entry["n"] == details["platform-a"]["test_rows"] + details["platform-b"]["test_rows"]
+    attempts = {}
+    for msg in grid.sent:
+        spec = ss.spec_of(msg.content, msg.metadata.message_type)
+        if spec is not None and "/tree/2" in spec.round_id:
+            attempts.setdefault(spec.round_id, set()).add(spec.participants)
+    assert {len(p) for p in attempts["gbdt-local/tree/2/level/1"]} == {2, 3}  # re-run
+    assert attempts["gbdt-local/tree/2/level/0"] == {tuple(realdata.PLATFORMS)}
+    assert attempts["gbdt-local/tree/2/restart/1/level/0"] == {realdata.PLATFORMS[:2]}
+    # The two trees grown before the drop are the full run's.
+    trees = json.loads(Path(entry["files"]["weights"]).read_text())["trees"]
+    full = boosted[True]["models"]["gbdt"]["local"]["files"]["weights"]
+    assert trees[:2] == json.loads(Path(full).read_text())["trees"][:2]
+    assert len(trees) == 4
+    meta = json.loads(Path(entry["files"]["metadata"]).read_text())
+    assert meta["dropped_platforms"] == entry["dropped"] and meta["secure_aggregation"] is True
+    assert meta["trees_regrown_after_dropout"] == 1
+
+
+def test_a_negative_summed_hessian_stops_the_secure_run(
+    uci_ledgers: list[str],
+    uci_enrolment: Enrolment,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bureau cannot check one platform's masked histograms, so it checks the sums."""
+    honest = gbdt.node_histograms
+
+    def lying(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        out = honest(*args, **kwargs)
+        return {**out, "hess": -out["hess"]}
+
+    monkeypatch.setattr(gbdt, "node_histograms", lying)
+    grid = InProcessGrid(_app(uci_ledgers, uci_enrolment), 3)
+    with pytest.raises(FederationError, match="negative summed hess"):
+        run_federation(grid, _settings(tmp_path, **{"gbdt-trees": 1}))
+
+
+def test_level_zero_asked_again_needs_the_same_previous_tree(
+    uci_ledgers: list[str], uci_enrolment: Enrolment, tmp_path: Path
+) -> None:
+    """A re-run of level 0 keeps the platform's scores; a different previous tree is refused."""
+    grid = InProcessGrid(_app(uci_ledgers, uci_enrolment), 3)
+    run_federation(grid, _settings(tmp_path, **{"gbdt-trees": 2, "secure-aggregation": False}))
+    last = next(
+        msg
+        for msg in reversed(grid.sent)
+        if msg.metadata.message_type == "query.gbdt_level"
+        and gbdt.LevelRequest.from_content(msg.content, "t").level == 0
+    )
+    request = gbdt.LevelRequest.from_content(last.content, "t")
+    node = last.metadata.dst_node_id
+    context = grid.contexts[node]
+
+    def ask(req: gbdt.LevelRequest) -> Message:
+        msg = Message(req.to_content(), dst_node_id=node, message_type="query.gbdt_level")
+        return grid.client_app(msg, context)
+
+    again = ask(request)
+    assert not again.has_error(), again.error.reason if again.has_error() else ""
+    other = request.previous.model_copy(update={"value": [v + 0.5 for v in request.previous.value]})
+    refused = ask(request.model_copy(update={"previous": other}))
+    assert refused.has_error() and "different previous tree" in refused.error.reason
+
+
 def test_boosting_needs_only_node_state_between_messages(
-    uci_ledgers: list[str], tmp_path: Path
+    uci_ledgers: list[str], uci_enrolment: Enrolment, tmp_path: Path
 ) -> None:
     """A SuperNode may run every message in a fresh process: with every in-process cache
     dropped before each message, the model is the same."""
@@ -282,7 +426,7 @@ def test_boosting_needs_only_node_state_between_messages(
 
     runs = []
     for mods in ([], [fresh_process]):
-        grid = InProcessGrid(build_client_app(uci_ledgers, mods=mods), 3)
+        grid = InProcessGrid(_app(uci_ledgers, uci_enrolment, mods), 3)
         settings = _settings(tmp_path / str(len(mods)), **{"gbdt-trees": 3})
         runs.append(run_federation(grid, settings)["models"]["gbdt"]["local"])
     assert runs[0]["history"] == runs[1]["history"]
@@ -308,13 +452,20 @@ def test_realdata_bench_on_a_uci_subsample(uci_subsample: Path) -> None:
     assert set(result["local_only"]) == set(realdata.PLATFORMS)
     cost = result["boosting_round_seconds"]
     assert cost["federated"] > 0 and cost["pooled_histgradientboosting"] > 0
+    assert cost["secure_aggregation"] is True and cost["federated_without_secure_aggregation"] > 0
+    # Per-platform federated AUCs come from the saved models, scored on each platform's rows.
+    for platform in realdata.PLATFORMS:
+        assert set(result["local_only"][platform]["federated_auc"]) == {"gbdt", "lr"}
 
 
 # -- through Flower's runtime ------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_boosting_on_the_simulation_engine(uci_ledgers: list[str], tmp_path: Path) -> None:
+def test_boosting_on_the_simulation_engine(
+    uci_ledgers: list[str], uci_enrolment: Enrolment, tmp_path: Path
+) -> None:
+    """Through Flower's runtime, with secure aggregation (the default): every sum masked."""
     from flwr.simulation import run_simulation
 
     from server.app import build_server_app
@@ -328,7 +479,7 @@ def test_boosting_on_the_simulation_engine(uci_ledgers: list[str], tmp_path: Pat
     }
     run_simulation(
         server_app=build_server_app(overrides),
-        client_app=build_client_app(uci_ledgers),
+        client_app=_app(uci_ledgers, uci_enrolment),
         num_supernodes=3,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
@@ -336,6 +487,8 @@ def test_boosting_on_the_simulation_engine(uci_ledgers: list[str], tmp_path: Pat
     assert summary["status"] == "ok", summary.get("error")
     entry = summary["models"]["gbdt"]["local"]
     assert entry["auc"] > 0.70 and len(entry["history"]) == 4
+    assert entry["secure_aggregation"] is True and entry["per_platform"] == {}
+    assert "dropped" not in entry
     assert (out / "model-gbdt-local.trees.json").exists()
 
 

@@ -10,8 +10,9 @@ the recorded views:
 * no ciphertext of one platform's reply decrypts to that platform's figures;
 * only full sums decrypt to valid values (partial sums are noise);
 * nothing the coordinator writes to its out-dir holds a token;
-* training replies (weights, feature sums, histograms) are masked vectors that look uniform
-  alone, and only the full set of a round's replies sums to the right totals.
+* training replies (weights, feature sums, histograms, and federated boosting's sketch counts,
+  gradient/hessian/count histograms and score histograms) are masked vectors that look
+  uniform alone, and only the full set of a round's replies sums to the right totals.
 
 The federation runs once per module (about a minute); each property is its own test so a
 failure names exactly what leaked, with counts and a first example. Run without ``-x`` to see
@@ -119,9 +120,11 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditRun]:
         rounds=2,
         seed=SEED,
         out=base,
-        model="lr",
+        model="lr,gbdt",
         key_bits=2048,
         query_batch=2_000,
+        # Small trees: the audit needs every gbdt message kind on the wire, not a good model.
+        run_config={"gbdt-trees": 2, "gbdt-depth": 2, "gbdt-bins": 16},
     )
     with pytest.MonkeyPatch.context() as mp:
         # Ray workers unpickle the recorder by reference: they must import this checkout.
@@ -332,15 +335,25 @@ def test_training_sums_are_right_and_only_full_sums_decode(audit: AuditRun) -> N
         assert len(group.replies) == len(spec.participants), "a sum with missing replies"
         total = ss.unmask_sum(list(group.replies.values()), spec)
         full += 1
-        expected = {
-            "query.feature_stats": "train_rows",
-            "train": "train_rows",
-            "evaluate": "test_rows",
-        }[group.message_type]
-        assert total["n"] == sum(rows[p][expected] for p in spec.participants), (
-            group.message_type,
-            spec.round_id,
-        )
+        train_rows = sum(rows[p]["train_rows"] for p in spec.participants)
+        test_rows = sum(rows[p]["test_rows"] for p in spec.participants)
+        where = (group.message_type, spec.round_id)
+        if group.message_type == "query.gbdt_sketch":
+            assert total["labels"][0] == train_rows, where
+            assert np.all(total["counts"].sum(axis=1) == train_rows), where
+        elif group.message_type == "query.gbdt_level":
+            if "hist-pos" in total:  # level 0: the root holds every training row
+                assert np.all(total["count"][0].sum(axis=-1) == train_rows), where
+                assert total["hist-pos"].sum() + total["hist-neg"].sum() == test_rows, where
+            assert np.all(total["hess"] >= 0) and np.all(total["count"] >= 0), where
+        else:
+            expected = {
+                "query.feature_stats": train_rows,
+                "train": train_rows,
+                "evaluate": test_rows,
+                "query.gbdt_evaluate": test_rows,
+            }[group.message_type]
+            assert total["n"] == expected, where
         for size in range(1, len(spec.participants)):
             for subset in itertools.combinations(group.replies.values(), size):
                 words = sum(

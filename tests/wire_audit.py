@@ -536,7 +536,15 @@ def reply_ciphertexts(
 
 # ------------------------------------------------------------------------------ secure sums
 
-SECURE_SUM_TYPES = ("train", "evaluate", "query.feature_stats")
+SECURE_SUM_TYPES = (
+    "train",
+    "evaluate",
+    "query.feature_stats",
+    # Federated boosting: bin-edge sketch counts, per-level histograms, final evaluation.
+    "query.gbdt_sketch",
+    "query.gbdt_level",
+    "query.gbdt_evaluate",
+)
 
 
 @dataclass(frozen=True)

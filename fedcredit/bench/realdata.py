@@ -35,11 +35,12 @@ from clients.ledger.importer import import_file
 from clients.ledger.mapping import mapping_from_dict
 from clients.platform_data import PlatformData, load_platform_data
 from fedcredit.demo import baselines
+from fedcredit.enrolment import Enrolment, enrol_platforms
 from fedcredit.inprocess import InProcessGrid
 from protocols import gbdt
 from protocols.metrics import exact_auc_ks
 from protocols.model import TrainConfig, parse_model_kinds
-from server.federation import run_federation
+from server.federation import describe_platforms, run_federation
 from server.settings import FederationSettings
 
 log = logging.getLogger(__name__)
@@ -179,23 +180,26 @@ def run(
                 "gbdt-depth": boost.depth,
                 "gbdt-learning-rate": boost.learning_rate,
                 "gbdt-bins": boost.bins,
-                # The bench compares each platform's own held-out AUC with its local-only
-                # model, a per-platform figure secure aggregation exists to hide from the
-                # coordinator. Secure sums equal the plain ones to about 1e-9
-                # (tests/test_secure_training.py), so the accuracy figures are the same.
-                "secure-aggregation": False,
             }
         )
-        grid = InProcessGrid(build_client_app(ledgers), len(ledgers))
+        # Enrolled like real nodes: secure aggregation masks with the roster's pinned keys.
+        enrolment = enrol_platforms(ledgers, folder / "enrolment")
+        app = build_client_app(ledgers, enrolment.identities, enrolment.roster)
+        grid = InProcessGrid(app, len(ledgers))
         t = time.perf_counter()
         summary = run_federation(grid, settings)
         t_fed = time.perf_counter() - t
         features = summary["features"]["local"]
         platforms = [load_platform_data(loc) for loc in ledgers]
         X_tr, y_tr, X_te, y_te = _pooled_rows(platforms, features, settings.test_share)
+        # Secure aggregation leaves the bureau no per-platform figures; the bench, which
+        # holds every party's rows, scores the saved models on each platform's own.
+        fed_by_platform = _federated_by_platform(
+            Path(settings.out_dir), summary, platforms, kinds, features, settings.test_share
+        )
         cost = None
         if "gbdt" in kinds:
-            cost = round_costs(ledgers, features, settings, X_tr, y_tr, boost)
+            cost = round_costs(ledgers, enrolment, features, settings, X_tr, y_tr, boost)
     share = settings.test_share
     cfg = TrainConfig(
         learning_rate=settings.learning_rate, batch_size=settings.batch_size, seed=seed
@@ -251,7 +255,7 @@ def run(
     if cost is not None:
         result["boosting_round_seconds"] = cost
     result["local_only"] = _local_only(
-        platforms, kinds, summary, share, rounds, cfg, boost, features
+        platforms, kinds, fed_by_platform, share, rounds, cfg, boost, features
     )
     result["federated_beats_every_local"] = all(
         p["federated_best_auc"] > p["local_only_best_auc"] for p in result["local_only"].values()
@@ -271,6 +275,7 @@ COST_REPEATS = 3
 
 def round_costs(
     ledgers: list[str],
+    enrolment: Enrolment,
     features: list[str],
     settings: FederationSettings,
     X_train: np.ndarray,
@@ -293,12 +298,22 @@ def round_costs(
     small = gbdt.BoostParams(COST_TREES, boost.depth, boost.learning_rate, boost.bins)
     longer = gbdt.BoostParams(4 * COST_TREES, boost.depth, boost.learning_rate, boost.bins)
     edges = gbdt.pooled_edges(X_train, boost.bins)
-    federated, parallel, pooled = [], [], []
+    plain_settings = short.model_copy(update={"secure_aggregation": False})
+    federated, parallel, pooled, plain = [], [], [], []
     for _ in range(COST_REPEATS):
-        timer.calls.clear()
-        grid = InProcessGrid(build_client_app(ledgers, mods=[timer]), len(ledgers))
+        # The same trees without secure aggregation: what the masking and the platforms'
+        # logged answers (one durable query-log commit per reply) add to a round.
+        app = build_client_app(ledgers, enrolment.identities, enrolment.roster)
+        grid = InProcessGrid(app, len(ledgers))
         nodes = sorted(grid.get_node_ids())
-        model = train_boosted(grid, nodes, "gbdt", "local", features, short)
+        model = train_boosted(grid, nodes, "gbdt", "local", features, plain_settings)
+        plain.append(float(np.mean(model.round_seconds)))
+        timer.calls.clear()
+        app = build_client_app(ledgers, enrolment.identities, enrolment.roster, [timer])
+        grid = InProcessGrid(app, len(ledgers))
+        nodes = sorted(grid.get_node_ids())
+        names = {n: d.platform for n, d in describe_platforms(grid, nodes, short).items()}
+        model = train_boosted(grid, nodes, "gbdt", "local", features, short, names)
         per_round = float(np.mean(model.round_seconds))
         federated.append(per_round)
         parallel.append(per_round - timer.saved_if_parallel("query.gbdt_level") / COST_TREES)
@@ -316,6 +331,9 @@ def round_costs(
         "within_3x": fed <= 3 * pool,
         "federated_platforms_in_parallel": round(par, 5),
         "ratio_platforms_in_parallel": round(par / pool, 2),
+        "secure_aggregation": bool(short.secure_aggregation),
+        "federated_without_secure_aggregation": round(float(np.median(plain)), 5),
+        "ratio_without_secure_aggregation": round(float(np.median(plain)) / pool, 2),
         "measured": (
             f"median of {COST_REPEATS} alternating runs; federated ({COST_TREES} trees) "
             "= every level message of a tree, the three platforms answering one after another "
@@ -348,10 +366,50 @@ class HandlerTimer:
         return sum(sum(b) - max(b) for b in batches)
 
 
+def _federated_by_platform(
+    out_dir: Path,
+    summary: dict[str, Any],
+    platforms: list[PlatformData],
+    kinds: list[str],
+    features: list[str],
+    share: float,
+) -> dict[str, dict[str, float]]:
+    """AUC of each saved federated model on each platform's held-out rows (exact scores)."""
+    import json
+
+    out: dict[str, dict[str, float]] = {p.platform: {} for p in platforms}
+    for kind in kinds:
+        files = summary["models"][kind]["local"]["files"]
+        meta = json.loads(Path(files["metadata"]).read_text())
+        for data in platforms:
+            X, y = data.rows("local", features, "test", share)
+            if kind == "gbdt":
+                body = json.loads(Path(files["weights"]).read_text())
+                trees = [gbdt.Tree.model_validate(t) for t in body["trees"]]
+                depth = int(meta["boosting"]["depth"])
+                scores = gbdt.model_margin(
+                    gbdt.bin_rows(X, body["edges"]), body["base_margin"], trees, depth
+                )
+            else:
+                import torch
+
+                from protocols.model import build_model, predict_proba
+                from protocols.scaling import Scaler
+
+                model = build_model(kind, len(features))
+                model.load_state_dict(torch.load(files["weights"]))
+                scaler = Scaler(
+                    np.asarray(meta["scaler"]["mean"]), np.asarray(meta["scaler"]["std"])
+                )
+                scores = predict_proba(model, scaler.transform(X))
+            out[data.platform][kind] = round(exact_auc_ks(y, scores)["auc"], 4)
+    return out
+
+
 def _local_only(
     platforms: list[PlatformData],
     kinds: list[str],
-    summary: dict[str, Any],
+    federated: dict[str, dict[str, float]],
     share: float,
     rounds: int,
     cfg: TrainConfig,
@@ -367,10 +425,7 @@ def _local_only(
             ]
             for kind in kinds
         }
-        fed = {
-            kind: summary["models"][kind]["local"]["per_platform"][data.platform]["auc"]
-            for kind in kinds
-        }
+        fed = federated[data.platform]
         out[data.platform] = {
             "local_only_auc": local,
             "federated_auc": fed,

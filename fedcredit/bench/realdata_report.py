@@ -55,6 +55,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{cost['ratio_federated_over_pooled']}x "
             f"({cost['ratio_platforms_in_parallel']}x).",
         ]
+        if "federated_without_secure_aggregation" in cost:
+            lines.append(
+                "Without secure aggregation: "
+                f"{cost['federated_without_secure_aggregation'] * 1000:.1f} ms "
+                f"({cost['ratio_without_secure_aggregation']}x)."
+            )
     return "\n".join(lines) + "\n"
 
 
