@@ -211,6 +211,9 @@ class BoostedModel:
     session_id: str = ""
     # Whether the histograms were secure sums, and platforms dropped mid-training.
     secure_aggregation: bool = False
+    # DP-SGD covers lr and mlp only; boosting's histograms are outside any budget
+    # (docs/privacy.md), so its metadata says so rather than omitting the key.
+    privacy: dict[str, Any] = field(default_factory=lambda: {"mechanism": "none"})
     dropped: dict[str, str] = field(default_factory=dict)
     # Only set when histograms are secure sums (then ``per_node`` is empty).
     summed: ScoreHistogram | None = None
