@@ -24,8 +24,10 @@ from flwr.serverapp.strategy import FedAvg
 from protocols import messages as m
 from protocols.metrics import BINS, ScoreHistogram, calibration_summary, psi
 from protocols.model import build_model
+from protocols.robust_features import RobustTransform
 from protocols.scaling import FeatureSums, Scaler, combine
-from server import progress
+from server import convergence, progress
+from server.feature_prep import prepare_features
 from server.settings import FederationSettings
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,15 @@ def federated_scaler(
     feature_set: str,
     features: list[str],
     settings: FederationSettings,
+    robust: RobustTransform | None = None,
 ) -> Scaler:
+    """Mean and std of the training rows (after ``robust``, if given), from summed sums."""
     request = m.FeatureStatsRequest(
-        feature_set=feature_set, features=features, test_share=settings.test_share
+        feature_set=feature_set,
+        features=features,
+        test_share=settings.test_share,
+        validation_share=settings.validation_share,
+        robust=None if robust is None else m.RobustSpec(**robust.to_dict()),  # type: ignore[arg-type]
     )
     replies = ask_all(grid, nodes, "query.feature_stats", request.to_content(), settings.timeout)
     parts = []
@@ -140,6 +148,11 @@ class TrainedModel:
     per_node: dict[int, ScoreHistogram] = field(default_factory=dict)
     # The training rows' score histograms, from the same final evaluation as ``per_node``.
     train_per_node: dict[int, ScoreHistogram] = field(default_factory=dict)
+    robust: RobustTransform | None = None
+    local_steps: int = 0
+    # Why the round loop ended, and after how many rounds (server/convergence.py).
+    stopped_because: str = ""
+    best_round: int = 0
 
     @property
     def histogram(self) -> ScoreHistogram:
@@ -157,12 +170,32 @@ class TrainedModel:
             return None
         return sum(self.train_per_node.values(), ScoreHistogram.empty())
 
+    def convergence(self) -> dict[str, Any]:
+        """How training ran and why it stopped (``server/convergence.py``)."""
+        return {
+            "rounds_run": self.rounds,
+            "best_round": self.best_round,
+            "stopped_because": self.stopped_because,
+            "local_steps": self.local_steps,
+            "log_transformed": self.robust.describe(self.features)["log_transformed"]
+            if self.robust is not None
+            else [],
+        }
+
     def calibration(self) -> dict[str, Any]:
         """Brier score, PSI (training vs held-out) and reliability table, from the sums."""
         return calibration_summary(self.histogram, self.train_histogram)
 
     def instructions(self, settings: FederationSettings) -> m.ModelInstructions:
-        return instructions(self.kind, self.feature_set, self.features, self.scaler, settings)
+        return instructions(
+            self.kind,
+            self.feature_set,
+            self.features,
+            self.scaler,
+            settings,
+            robust=self.robust,
+            local_steps=self.local_steps,
+        )
 
 
 def instructions(
@@ -171,6 +204,8 @@ def instructions(
     features: list[str],
     scaler: Scaler,
     settings: FederationSettings,
+    robust: RobustTransform | None = None,
+    local_steps: int = 0,
 ) -> m.ModelInstructions:
     return m.ModelInstructions(
         model=kind,  # type: ignore[arg-type]
@@ -185,6 +220,9 @@ def instructions(
         seed=settings.seed,
         total_rounds=settings.num_rounds,
         lr_schedule=settings.lr_schedule,  # type: ignore[arg-type]
+        validation_share=settings.validation_share,
+        robust=None if robust is None else m.RobustSpec(**robust.to_dict()),  # type: ignore[arg-type]
+        local_steps=local_steps,
     )
 
 
@@ -196,14 +234,22 @@ def train_federated(
     features: list[str],
     settings: FederationSettings,
 ) -> TrainedModel:
-    """Federated scaling, then ``num-rounds`` of FedAvg, then a per-platform evaluation."""
+    """Federated robust features and scaling, then FedAvg rounds until converged
+    (``server/convergence.py``), then a per-platform evaluation on the test people."""
     label = f"train {kind} ({feature_set} features)"
     progress.report(label, 0, settings.num_rounds, "scaling")
-    scaler = federated_scaler(grid, nodes, feature_set, features, settings)
+    robust, scaler = prepare_features(grid, nodes, feature_set, features, settings)
+    steps = convergence.local_steps(settings, scaler.n)
     model = build_model(kind, len(features), seed=settings.seed)
-    payload = instructions(kind, feature_set, features, scaler, settings).to_content()
-    config = payload.config_records[m.PAYLOAD_KEY]
-    strategy = StrictFedAvg(
+    base = instructions(kind, feature_set, features, scaler, settings, robust, steps)
+    config = base.to_content().config_records[m.PAYLOAD_KEY]
+    split = "validation" if settings.validation_share > 0 else "test"
+    eval_config = (
+        base.model_copy(update={"eval_split": split}).to_content().config_records[m.PAYLOAD_KEY]
+    )
+    strategy = convergence.make_strategy(
+        StrictFedAvg,
+        settings,
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=len(nodes),
@@ -213,6 +259,7 @@ def train_federated(
         evaluate_metrics_aggr_fn=sum_histograms,
     )
     history: list[dict[str, float]] = []
+    latest: list[MetricRecord] = []
 
     # Flower's strategy loop logs each round; the rounds' held-out metrics come back in the
     # result, and progress is reported per round through the evaluation aggregation hook.
@@ -228,17 +275,19 @@ def train_federated(
         if "psi" in metrics:
             entry["psi"] = round(float(metrics["psi"]), 6)  # type: ignore[arg-type]
         history.append(entry)
+        latest[:] = [metrics]
         progress.report(label, len(history), settings.num_rounds, f"AUC {metrics['auc']:.4f}")
         return metrics
 
     strategy.evaluate_metrics_aggr_fn = on_round
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=settings.num_rounds,
-        timeout=settings.timeout,
+    result = convergence.run_rounds(
+        strategy,
+        grid,
+        ArrayRecord(model.state_dict()),
+        settings,
         train_config=ConfigRecord(dict(config)),
-        evaluate_config=ConfigRecord(dict(config)),
+        evaluate_config=ConfigRecord(dict(eval_config)),
+        evaluated=lambda: latest[0] if latest else None,
     )
     trained = TrainedModel(
         kind=kind,
@@ -246,8 +295,12 @@ def train_federated(
         features=features,
         scaler=scaler,
         arrays=result.arrays,
-        rounds=settings.num_rounds,
+        rounds=result.rounds_run,
         history=history,
+        robust=robust,
+        local_steps=steps,
+        stopped_because=result.stopped_because,
+        best_round=result.best_round,
     )
     trained.per_node, trained.train_per_node = evaluate_per_node(grid, nodes, trained, settings)
     return trained

@@ -4,21 +4,61 @@
 allow) and joins borrowers across platforms by token, so it computes the cross-platform totals
 directly. It exists only to show what federation costs. ``local_only`` is what each platform
 can do without anyone: its own features, its own borrowers. Both use the same model code,
-scaling rule, split and number of passes over the data as the federated models.
+split (train, validation and test people), robust feature transform, scaling rule and
+stopping rule as the federated models: one pass over the pooled rows per round, at most
+``passes`` of them, stopping once the validation loss has not improved for ``patience``
+passes and keeping the best pass (``server/convergence.py`` for the federated twin).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from clients.features import with_cross_platform
+from clients.features import select_columns, with_cross_platform
 from clients.platform_data import PlatformData
+from protocols import robust_features
 from protocols.features import CROSS_PLATFORM_FEATURES
+from protocols.local_work import auto_local_steps, local_epochs
 from protocols.metrics import ScoreHistogram, exact_auc_ks
-from protocols.model import TrainConfig, build_model, predict_proba, scheduled_lr, train_local
+from protocols.model import (
+    TrainConfig,
+    build_model,
+    log_loss,
+    predict_proba,
+    scheduled_lr,
+    train_local,
+)
 from protocols.scaling import FeatureSums, combine
+from server.convergence import MIN_RELATIVE_IMPROVEMENT
+from server.settings import FederationSettings
+
+_DEFAULTS = FederationSettings()
+
+
+@dataclass(frozen=True)
+class PooledTraining:
+    """The federation's split, feature and stopping settings, for a like-for-like yardstick."""
+
+    validation_share: float = _DEFAULTS.validation_share
+    patience: int = _DEFAULTS.patience
+    robust: bool = _DEFAULTS.robust_features
+    local_steps: int = _DEFAULTS.local_steps  # 0: auto, as in the federation
+
+    @classmethod
+    def of(cls, settings: FederationSettings) -> PooledTraining:
+        return cls(
+            settings.validation_share,
+            settings.patience,
+            settings.robust_features,
+            settings.local_steps,
+        )
+
+
+Rows = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -27,30 +67,71 @@ class Fit:
     histogram: ScoreHistogram
     scores: np.ndarray
     labels: np.ndarray
+    passes_run: int = 0
+    best_pass: int = 0
 
 
 def fit_and_score(
     kind: str,
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
+    train: Rows,
+    validation: Rows,
+    test: Rows,
+    names: list[str],
     passes: int,
     cfg: TrainConfig,
+    training: PooledTraining = PooledTraining(),
 ) -> Fit:
+    X_train, y_train = train
     scaler = combine([FeatureSums.of(X_train)])
+    prepare = scaler.transform
+    if training.robust:
+        robust = robust_features.fit_pooled(X_train, scaler.mean, scaler.std, names)
+        scaler = combine([FeatureSums.of(robust.transform(X_train))])
+        prepare = lambda X: scaler.transform(robust.transform(X))  # noqa: E731
     model = build_model(kind, X_train.shape[1], seed=cfg.seed)
-    Xs = scaler.transform(X_train)
+    Xs, Xv = prepare(X_train), prepare(validation[0])
+    # A pass does what a federated round does: the same number of SGD steps.
+    epochs = local_epochs(
+        cfg.epochs,
+        training.local_steps or auto_local_steps(len(y_train), cfg.batch_size),
+        len(y_train),
+        cfg.batch_size,
+    )
+    stop_early = training.validation_share > 0 and len(validation[1]) > 0
+    best = (math.inf, 0, copy.deepcopy(model.state_dict()))
+    passes_run = 0
     for p in range(passes):
         lr = scheduled_lr(cfg.learning_rate, "cosine", p + 1, passes)
         train_local(
             model,
             Xs,
             y_train,
-            TrainConfig(**{**cfg.__dict__, "seed": cfg.seed + p, "learning_rate": lr}),
+            TrainConfig(
+                **{**cfg.__dict__, "seed": cfg.seed + p, "learning_rate": lr, "epochs": epochs}
+            ),
         )
-    scores = predict_proba(model, scaler.transform(X_test))
-    return Fit(exact_auc_ks(y_test, scores), ScoreHistogram.of(scores, y_test), scores, y_test)
+        passes_run = p + 1
+        if not stop_early:
+            continue
+        loss = log_loss(model, Xv, validation[1])
+        if loss < best[0] * (1 - MIN_RELATIVE_IMPROVEMENT):
+            best = (loss, passes_run, copy.deepcopy(model.state_dict()))
+        elif passes_run - best[1] >= training.patience:
+            break
+    best_pass = passes_run
+    if stop_early and best[1] > 0:
+        model.load_state_dict(best[2])
+        best_pass = best[1]
+    X_test, y_test = test
+    scores = predict_proba(model, prepare(X_test))
+    return Fit(
+        exact_auc_ks(y_test, scores),
+        ScoreHistogram.of(scores, y_test),
+        scores,
+        y_test,
+        passes_run,
+        best_pass,
+    )
 
 
 def pooled_totals(platforms: list[PlatformData]) -> dict[str, np.ndarray]:
@@ -66,13 +147,15 @@ def pooled_totals(platforms: list[PlatformData]) -> dict[str, np.ndarray]:
 
 
 def _split(
-    data: PlatformData, X: np.ndarray, test_share: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    test = data.test_mask(test_share)
+    data: PlatformData, X: np.ndarray, test_share: float, validation_share: float
+) -> tuple[Rows, Rows, Rows]:
     labelled = data.labelled
     y = data.features.y
-    tr, te = labelled & ~test, labelled & test
-    return X[tr], y[tr], X[te], y[te]
+    out = []
+    for split in ("train", "validation", "test"):
+        mask = labelled & data.split_mask(split, test_share, validation_share)
+        out.append((X[mask], y[mask]))
+    return out[0], out[1], out[2]
 
 
 def centralized(
@@ -83,19 +166,24 @@ def centralized(
     test_share: float,
     passes: int,
     cfg: TrainConfig,
+    training: PooledTraining = PooledTraining(),
 ) -> Fit:
     """One model on every platform's rows pooled; ``cross`` adds totals joined by token."""
     totals = pooled_totals(platforms) if cross else {}
+    names = [*features, *CROSS_PLATFORM_FEATURES] if cross else features
     parts = []
     for data in platforms:
         feats = data.features
         if cross:
             feats = with_cross_platform(feats, np.array([totals[t] for t in feats.tokens]))
-        names = [*features, *CROSS_PLATFORM_FEATURES] if cross else features
-        X = feats.X[:, [feats.names.index(n) for n in names]]
-        parts.append(_split(data, X, test_share))
-    X_tr, y_tr, X_te, y_te = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    return fit_and_score(kind, X_tr, y_tr, X_te, y_te, passes, cfg)
+        parts.append(
+            _split(data, select_columns(feats, names), test_share, training.validation_share)
+        )
+    pooled = [
+        (np.concatenate([p[s][0] for p in parts]), np.concatenate([p[s][1] for p in parts]))
+        for s in range(3)
+    ]
+    return fit_and_score(kind, *pooled, names, passes, cfg, training)
 
 
 def local_only(
@@ -104,6 +192,8 @@ def local_only(
     test_share: float,
     passes: int,
     cfg: TrainConfig,
+    training: PooledTraining = PooledTraining(),
 ) -> Fit:
     """The platform alone: every feature its own ledger has, nobody else's borrowers."""
-    return fit_and_score(kind, *_split(data, data.features.X, test_share), passes, cfg)
+    splits = _split(data, data.features.X, test_share, training.validation_share)
+    return fit_and_score(kind, *splits, data.features.names, passes, cfg, training)
