@@ -358,6 +358,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         except (ImportValidationError, MappingError) as exc:
             raise UsageError(f"--csv: {exc}") from None
+    elif args.name == "convergence":
+        from fedcredit.bench import convergence
+
+        result = convergence.from_args(args, UsageError)
     else:  # argparse restricts choices; kept for safety
         raise UsageError(f"unknown benchmark {args.name!r}")
     if args.json:
@@ -556,7 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (figures and ratios vs a same-run baseline)")
-    bench.add_argument("name", choices=["datagen", "datagen-quality", "paillier", "query", "uci"])
+    bench.add_argument(
+        "name", choices=["datagen", "datagen-quality", "paillier", "query", "uci", "convergence"]
+    )
     bench.add_argument(
         "--borrowers",
         type=int,
@@ -569,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokens", type=int, default=3000, help="paillier: tokens to encrypt")
     bench.add_argument("--rounds", type=int, default=20, help="uci: FedAvg rounds")
     bench.add_argument("--csv", help="uci: the CSV (default ../shared/data/uci_credit_card.csv)")
+    bench.add_argument("--mapping", help="convergence: the CSV's import mapping (TOML)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -39,7 +39,7 @@ import numpy as np
 BINS = 400
 SPAN = float(np.arcsinh(1e4))  # bins cover +-10,000 standard deviations
 HEAVY_TAIL = 6.0
-FEW_VALUES = 10  # occupied bins at most: a discrete column, never log-transformed
+FEW_VALUES = 16  # occupied bins at most: a discrete column, never log-transformed
 TAIL_QUANTILE = 0.001
 MIN_SPREAD = 1e-6
 UNBOUNDED = 1e12  # "no clipping", finite so the bounds travel as JSON
