@@ -150,7 +150,7 @@ def _feature_sketch(msg: Message, ctx: Context, data: PlatformData) -> RecordDic
         X, np.asarray(req.mean), np.asarray(req.std), robust_features.flag_columns(req.features)
     )
     return m.FeatureSketch(
-        features=counts.shape[0], bins=counts.shape[1], counts=m.ints_to_bytes(counts)
+        width=counts.shape[0], bins=counts.shape[1], counts=m.ints_to_bytes(counts)
     ).to_content()
 
 

@@ -255,22 +255,20 @@ class FeatureSketch(BinaryPayload):
     """(features, bins) row counts as little-endian int64, features-major."""
 
     BINARY_FIELDS = ("counts",)
-    features: int = Field(ge=1, le=MAX_FEATURES)
+    width: int = Field(ge=1, le=MAX_FEATURES)  # features
     bins: int = Field(ge=1, le=4096)
     counts: bytes
 
     @model_validator(mode="after")
     def _size(self) -> Self:
-        if len(self.counts) != self.features * self.bins * 8:
-            raise ValueError(
-                f"counts of {len(self.counts)} bytes for {self.features} x {self.bins}"
-            )
+        if len(self.counts) != self.width * self.bins * 8:
+            raise ValueError(f"counts of {len(self.counts)} bytes for {self.width} x {self.bins}")
         if (np.frombuffer(self.counts, dtype="<i8") < 0).any():
             raise ValueError("negative histogram counts")
         return self
 
     def matrix(self) -> np.ndarray:
-        return ints_from_bytes(self.counts, self.features, self.bins)
+        return ints_from_bytes(self.counts, self.width, self.bins)
 
 
 class FeatureStats(Payload):

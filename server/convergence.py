@@ -32,6 +32,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 SERVER_OPTIMISERS = ("fedavg", "fedadam", "fedyogi")
 # Relative improvement of the validation loss that counts as progress.
 MIN_RELATIVE_IMPROVEMENT = 1e-4
+# Rounds without improvement after which the learning rate is halved (before ``patience``).
+HALVE_AFTER = 2
 
 
 def local_steps(settings: FederationSettings, train_rows: int) -> int:
@@ -79,22 +82,47 @@ def make_strategy(base: type[FedAvg], settings: FederationSettings, **kwargs: ob
 
 @dataclass
 class EarlyStopping:
-    """Tracks the federated validation loss; keeps the best round's weights."""
+    """Tracks the validation loss; halves the learning rate on a plateau, then stops.
+
+    FedAvg at a high learning rate plateaus early: the platforms' updates, each a long walk
+    on its own rows, partly cancel in the average, and only a smaller step lets the average
+    settle (which is why the learning rate decays over the rounds). Stopping at the first
+    plateau would keep that unsettled model: measured on the synthetic demo data, the
+    cross-platform MLP stopped at round 9 of 20, 0.007 AUC below its pooled twin. So after
+    ``halve_after`` rounds without improvement the learning rate is halved, and only after
+    ``patience`` rounds without improvement does training stop, keeping the best round.
+    The pooled yardstick follows the same rule (``fedcredit/demo/baselines.py``).
+    """
 
     patience: int
+    halve_after: int = HALVE_AFTER
+    lr_scale: float = 1.0
+    halvings: int = 0
     best_loss: float = math.inf
     best_round: int = 0
-    best_arrays: ArrayRecord | None = None
+    best_arrays: Any = None
     stale: int = 0
 
-    def update(self, server_round: int, loss: float, arrays: ArrayRecord) -> bool:
+    def update(self, server_round: int, loss: float, arrays: Any) -> bool:
         """Record a round; True when training should stop."""
         if math.isfinite(loss) and loss < self.best_loss * (1 - MIN_RELATIVE_IMPROVEMENT):
             self.best_loss, self.best_round, self.best_arrays = loss, server_round, arrays
             self.stale = 0
             return False
         self.stale += 1
-        return self.patience > 0 and self.stale >= self.patience
+        if self.patience > 0 and self.stale >= self.patience:
+            return True
+        if self.patience > 0 and self.halve_after > 0 and self.stale % self.halve_after == 0:
+            self.lr_scale *= 0.5
+            self.halvings += 1
+        return False
+
+    def reason(self) -> str:
+        halved = f"; learning rate halved {self.halvings} times" if self.halvings else ""
+        return (
+            f"validation loss did not improve for {self.patience} rounds "
+            f"(best {self.best_loss:.5f} at round {self.best_round}{halved})"
+        )
 
 
 @dataclass
@@ -111,14 +139,15 @@ def run_rounds(
     grid: Grid,
     initial_arrays: ArrayRecord,
     settings: FederationSettings,
-    train_config: ConfigRecord,
+    train_config: Callable[[float], ConfigRecord],
     evaluate_config: ConfigRecord,
     evaluated: Callable[[], MetricRecord | None],
 ) -> RoundsResult:
     """Up to ``num-rounds`` rounds of train-then-evaluate, stopping early on validation loss.
 
-    ``evaluated`` returns the latest round's aggregated evaluation metrics (with ``loss``):
-    the strategy's evaluation aggregation hook records them.
+    ``train_config(scale)`` is the train message's config at ``scale`` times the base
+    learning rate; ``evaluated`` returns the latest round's aggregated evaluation metrics
+    (with ``loss``): the strategy's evaluation aggregation hook records them.
     """
     use_validation = settings.validation_share > 0
     stopper = EarlyStopping(patience=settings.patience if use_validation else 0)
@@ -126,7 +155,7 @@ def run_rounds(
     train_metrics: dict[int, MetricRecord] = {}
     for server_round in range(1, settings.num_rounds + 1):
         replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config, grid),
+            strategy.configure_train(server_round, arrays, train_config(stopper.lr_scale), grid),
             timeout=settings.timeout,
         )
         new_arrays, metrics = strategy.aggregate_train(server_round, replies)
@@ -142,12 +171,8 @@ def run_rounds(
         latest = evaluated()
         loss = float(latest["loss"]) if latest is not None else math.nan  # type: ignore[arg-type]
         if stopper.update(server_round, loss, arrays):
-            because = (
-                f"validation loss did not improve for {settings.patience} rounds "
-                f"(best {stopper.best_loss:.5f} at round {stopper.best_round})"
-            )
+            because = stopper.reason()
             log.info("stopping after round %d: %s", server_round, because)
-            assert stopper.best_arrays is not None  # a stop needs a recorded best round
             return RoundsResult(
                 stopper.best_arrays, server_round, stopper.best_round, because, train_metrics
             )

@@ -71,9 +71,9 @@ def federated_sketch(
     parts: dict[int, dict[str, np.ndarray]] = {}
     for node, content in replies.items():
         sketch = m.FeatureSketch.from_content(content, f"feature_sketch reply from {node}")
-        if (sketch.features, sketch.bins) != (len(features), robust_features.BINS):
+        if (sketch.width, sketch.bins) != (len(features), robust_features.BINS):
             raise FederationError(
-                f"node {node} sent a {sketch.features} x {sketch.bins} sketch, expected "
+                f"node {node} sent a {sketch.width} x {sketch.bins} sketch, expected "
                 f"{len(features)} x {robust_features.BINS}"
             )
         parts[node] = {"sketch": sketch.matrix()}

@@ -242,7 +242,6 @@ def train_federated(
     steps = convergence.local_steps(settings, scaler.n)
     model = build_model(kind, len(features), seed=settings.seed)
     base = instructions(kind, feature_set, features, scaler, settings, robust, steps)
-    config = base.to_content().config_records[m.PAYLOAD_KEY]
     split = "validation" if settings.validation_share > 0 else "test"
     eval_config = (
         base.model_copy(update={"eval_split": split}).to_content().config_records[m.PAYLOAD_KEY]
@@ -285,7 +284,13 @@ def train_federated(
         grid,
         ArrayRecord(model.state_dict()),
         settings,
-        train_config=ConfigRecord(dict(config)),
+        train_config=lambda scale: ConfigRecord(
+            dict(
+                base.model_copy(update={"learning_rate": settings.learning_rate * scale})
+                .to_content()
+                .config_records[m.PAYLOAD_KEY]
+            )
+        ),
         evaluate_config=ConfigRecord(dict(eval_config)),
         evaluated=lambda: latest[0] if latest else None,
     )

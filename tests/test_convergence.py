@@ -101,14 +101,14 @@ def test_robust_spec_and_sketch_messages_refuse_bad_input() -> None:
     with pytest.raises(ValueError, match="positive"):
         m.RobustSpec(**{**good, "scale": [0.0] * 6})  # type: ignore[arg-type]
     counts = np.ones((2, 4), dtype=np.int64)
-    ok = m.FeatureSketch(features=2, bins=4, counts=m.ints_to_bytes(counts))
+    ok = m.FeatureSketch(width=2, bins=4, counts=m.ints_to_bytes(counts))
     assert (ok.matrix() == counts).all()
     with pytest.raises(ValueError, match="negative"):
-        m.FeatureSketch(features=2, bins=4, counts=m.ints_to_bytes(-counts))
+        m.FeatureSketch(width=2, bins=4, counts=m.ints_to_bytes(-counts))
     with pytest.raises(ValueError, match="bytes"):
-        m.FeatureSketch(features=3, bins=4, counts=m.ints_to_bytes(counts))
+        m.FeatureSketch(width=3, bins=4, counts=m.ints_to_bytes(counts))
     content = ok.to_content()
-    assert m.FeatureSketch.from_content(content, "test").features == 2
+    assert m.FeatureSketch.from_content(content, "test").width == 2
 
 
 # -- missing-value flags --------------------------------------------------------------------
@@ -171,6 +171,20 @@ def test_early_stopping_keeps_the_best_round() -> None:
     stops = [stopper.update(r + 1, loss, arrays[r]) for r, loss in enumerate(losses)]
     assert stops == [False, False, False, False, True]
     assert stopper.best_round == 3 and stopper.best_arrays is arrays[2]
+    assert "best 0.55000 at round 3" in stopper.reason()
+
+
+def test_a_plateau_halves_the_learning_rate_before_training_stops() -> None:
+    stopper = EarlyStopping(patience=5, halve_after=2)
+    losses = [0.7, 0.6, 0.61, 0.62, 0.59, 0.6, 0.6, 0.6, 0.6, 0.6]
+    scales, stops = [], []
+    for r, loss in enumerate(losses, start=1):
+        stops.append(stopper.update(r, loss, r))
+        scales.append(stopper.lr_scale)
+    # Two stale rounds halve it; an improvement (round 5) resets the count, not the rate.
+    assert scales == [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125]
+    assert stops == [False] * 9 + [True]
+    assert stopper.best_round == 5 and "halved 3 times" in stopper.reason()
 
 
 # -- small platforms train ------------------------------------------------------------------

@@ -135,6 +135,7 @@ def test_no_raw_rows_cross_the_wire(federation, ledgers) -> None:  # type: ignor
     allowed = {
         "query.describe": ({"payload"}, set()),
         "query.feature_stats": ({"payload"}, set()),
+        "query.feature_sketch": ({"payload"}, set()),
         "train": ({"metrics"}, {"arrays"}),
         "evaluate": ({"metrics"}, set()),
         "query.match_start": ({"payload"}, set()),

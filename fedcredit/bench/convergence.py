@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import logging
 import random
 import tempfile
 import time
@@ -123,6 +124,9 @@ def run(
     regimes: tuple[str, ...] = tuple(REGIMES),
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        # Flower logs every round at INFO; the JSON carries the same facts (`fedcredit -v`).
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fedcredit-convergence-") as tmp:
         ledgers = split_at_random(csv_path, mapping_path, Path(tmp), seed)

@@ -13,7 +13,6 @@ passes and keeping the best pass (``server/convergence.py`` for the federated tw
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,7 @@ from protocols.model import (
     train_local,
 )
 from protocols.scaling import FeatureSums, combine
-from server.convergence import MIN_RELATIVE_IMPROVEMENT
+from server.convergence import EarlyStopping
 from server.settings import FederationSettings
 
 _DEFAULTS = FederationSettings()
@@ -98,10 +97,10 @@ def fit_and_score(
         cfg.batch_size,
     )
     stop_early = training.validation_share > 0 and len(validation[1]) > 0
-    best = (math.inf, 0, copy.deepcopy(model.state_dict()))
+    stopper = EarlyStopping(patience=training.patience if stop_early else 0)
     passes_run = 0
     for p in range(passes):
-        lr = scheduled_lr(cfg.learning_rate, "cosine", p + 1, passes)
+        lr = scheduled_lr(cfg.learning_rate * stopper.lr_scale, "cosine", p + 1, passes)
         train_local(
             model,
             Xs,
@@ -111,17 +110,14 @@ def fit_and_score(
             ),
         )
         passes_run = p + 1
-        if not stop_early:
-            continue
-        loss = log_loss(model, Xv, validation[1])
-        if loss < best[0] * (1 - MIN_RELATIVE_IMPROVEMENT):
-            best = (loss, passes_run, copy.deepcopy(model.state_dict()))
-        elif passes_run - best[1] >= training.patience:
-            break
+        if stop_early:
+            loss = log_loss(model, Xv, validation[1])
+            if stopper.update(passes_run, loss, copy.deepcopy(model.state_dict())):
+                break
     best_pass = passes_run
-    if stop_early and best[1] > 0:
-        model.load_state_dict(best[2])
-        best_pass = best[1]
+    if stop_early and stopper.best_arrays is not None:
+        model.load_state_dict(stopper.best_arrays)
+        best_pass = stopper.best_round
     X_test, y_test = test
     scores = predict_proba(model, prepare(X_test))
     return Fit(
