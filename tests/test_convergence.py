@@ -228,3 +228,50 @@ def test_small_platforms_train_to_their_pooled_twin(small_ledgers: list[str], tm
     )
     assert old["models"]["lr"]["local"]["stopped_because"].startswith("reached num-rounds")
     assert federated > old["federated"]["auc"] + 0.02
+
+
+# -- the benchmark's random split -----------------------------------------------------------
+
+SCORING_MAPPING = """
+version = 1
+[source]
+format = "csv"
+[borrower]
+id = { row_number = true }
+namespace = "bench-test"
+age = "age"
+label = { column = "bad" }
+[borrower.features]
+amount = "amount"
+months = "months"
+[loan]
+scoring_only = true
+"""
+
+
+def test_bench_convergence_splits_numbered_rows_without_token_clashes(tmp_path: Path) -> None:
+    from fedcredit.bench import convergence
+
+    rng = np.random.default_rng(2)
+    n = 600
+    amount = rng.lognormal(8, 1, n).round()
+    months = rng.integers(6, 60, n)
+    bad = (rng.random(n) < 1 / (1 + np.exp(-(months - 30) / 10))).astype(int)
+    lines = ["age,amount,months,bad"] + [
+        f"{rng.integers(20, 70)},{a:.0f},{mo},{b}"
+        for a, mo, b in zip(amount, months, bad, strict=True)
+    ]
+    csv_path, mapping = tmp_path / "scoring.csv", tmp_path / "scoring.toml"
+    csv_path.write_text("\n".join(lines) + "\n")
+    mapping.write_text(SCORING_MAPPING)
+    ledgers = convergence.split_at_random(csv_path, mapping, tmp_path, seed=1)
+    parts = [load_platform_data(loc) for loc in ledgers]
+    assert [len(p.features.tokens) for p in parts] == [200, 200, 200]
+    tokens = [t for p in parts for t in p.features.tokens]
+    assert len(set(tokens)) == n  # row numbers from the whole file, not from each part
+    result = convergence.run(csv_path, mapping, rounds=3, regimes=("one_epoch", "fedavg"))
+    assert result["labelled_rows"] == {"part-a": 200, "part-b": 200, "part-c": 200}
+    fedavg = result["regimes"]["fedavg"]["lr"]
+    assert fedavg["local_steps"] == MIN_LOCAL_STEPS and fedavg["stopped_because"]
+    assert result["regimes"]["one_epoch"]["lr"]["local_steps"] == 1
+    assert 0.0 <= result["sklearn_hgb_auc"] <= 1.0
