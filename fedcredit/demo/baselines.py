@@ -82,11 +82,17 @@ def fit_and_score(
 ) -> Fit:
     X_train, y_train = train
     scaler = combine([FeatureSums.of(X_train)])
-    prepare = scaler.transform
-    if training.robust:
-        robust = robust_features.fit_pooled(X_train, scaler.mean, scaler.std, names)
+    robust = (
+        robust_features.fit_pooled(X_train, scaler.mean, scaler.std, names)
+        if training.robust
+        else None
+    )
+    if robust is not None:
         scaler = combine([FeatureSums.of(robust.transform(X_train))])
-        prepare = lambda X: scaler.transform(robust.transform(X))  # noqa: E731
+
+    def prepare(X: np.ndarray) -> np.ndarray:
+        return scaler.transform(X if robust is None else robust.transform(X))
+
     model = build_model(kind, X_train.shape[1], seed=cfg.seed)
     Xs, Xv = prepare(X_train), prepare(validation[0])
     # A pass does what a federated round does: the same number of SGD steps.
