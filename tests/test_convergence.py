@@ -275,3 +275,19 @@ def test_bench_convergence_splits_numbered_rows_without_token_clashes(tmp_path: 
     assert fedavg["local_steps"] == MIN_LOCAL_STEPS and fedavg["stopped_because"]
     assert result["regimes"]["one_epoch"]["lr"]["local_steps"] == 1
     assert 0.0 <= result["sklearn_hgb_auc"] <= 1.0
+
+
+def test_server_optimiser_keeps_strict_failure_handling(small_ledgers: list[str], tmp_path: Path):
+    from flwr.serverapp.strategy import FedAdam, FedYogi
+
+    from server.convergence import make_strategy
+    from server.training import StrictFedAvg
+
+    for name, cls in (("fedadam", FedAdam), ("fedyogi", FedYogi)):
+        settings = FederationSettings.model_validate({"server-optimizer": name})
+        strategy = make_strategy(StrictFedAvg, settings, min_available_nodes=3)
+        assert isinstance(strategy, cls) and isinstance(strategy, StrictFedAvg)
+        assert strategy.eta == settings.server_learning_rate  # type: ignore[attr-defined]
+    summary = _federate(small_ledgers, tmp_path, **{"server-optimizer": "fedadam", "num-rounds": 3})
+    entry = summary["models"]["lr"]["local"]
+    assert 1 <= entry["rounds_run"] <= 3 and 0.0 < summary["federated"]["auc"] < 1.0

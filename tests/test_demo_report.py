@@ -274,3 +274,26 @@ def test_numpy_values_become_plain_json(tmp_path: Path) -> None:
     back = json.loads((tmp_path / "report.json").read_text())
     assert back == {"federated": {"auc": 0.71, "ks": None, "n": 9}}
     assert not math.isnan(back["federated"]["auc"])
+
+
+def test_markdown_says_why_training_stopped(tmp_path: Path, full_report, histograms) -> None:
+    because = "validation loss did not improve for 5 rounds (best 0.15500 at round 4)"
+    report = {
+        **full_report,
+        "convergence": {
+            "mlp": {
+                "federated_cross_platform": {
+                    "stopped_because": because,
+                    "rounds_run": 9,
+                    "best_round": 4,
+                    "local_steps": 309,
+                }
+            }
+        },
+    }
+    write_report(report, histograms, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert f"- federated + cross-platform totals: {because}; 309 local steps a round." in md
+    assert "on the validation people" in md
+    write_report(full_report, histograms, tmp_path / "without")  # older reports: no lines
+    assert "local steps a round" not in (tmp_path / "without" / "report.md").read_text()
