@@ -275,6 +275,7 @@ def test_bench_convergence_splits_numbered_rows_without_token_clashes(tmp_path: 
     assert fedavg["local_steps"] == MIN_LOCAL_STEPS and fedavg["stopped_because"]
     assert result["regimes"]["one_epoch"]["lr"]["local_steps"] == 1
     assert 0.0 <= result["sklearn_hgb_auc"] <= 1.0
+    assert set(result["seconds_ratio_fedavg_over_one_epoch"]) == {"lr", "mlp"}
 
 
 def test_server_optimiser_keeps_strict_failure_handling(small_ledgers: list[str], tmp_path: Path):

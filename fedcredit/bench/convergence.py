@@ -176,6 +176,12 @@ def run(
         yardsticks = _sklearn_yardsticks(platforms, features, defaults)
         rows = {d.platform: int(d.labelled.sum()) for d in platforms}
     best_fed = max(r["federated_auc"] for res in results.values() for r in res.values())
+    # The cost of converging, against the old regime measured in the same run.
+    ratios = {
+        kind: round(results["fedavg"][kind]["seconds"] / results["one_epoch"][kind]["seconds"], 2)
+        for kind in ("lr", "mlp")
+        if "fedavg" in results and "one_epoch" in results
+    }
     return {
         "benchmark": "convergence",
         "data": csv_path.name,
@@ -187,6 +193,7 @@ def run(
         "regimes": results,
         **yardsticks,
         "best_federated_auc": best_fed,
+        "seconds_ratio_fedavg_over_one_epoch": ratios,
         "log_transformed": logged,
         "seconds": round(time.perf_counter() - t0, 1),
     }
