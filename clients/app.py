@@ -37,6 +37,7 @@ from clients.node_identity import NodeFiles, NodeIdentity, node_identity, regist
 from clients.platform_data import PlatformData, load_platform_data
 from clients.query_log import QueryLog, query_log_for
 from clients.received_totals import store_received_totals
+from clients.secure_sum import requested_spec, secure_reply
 from protocols import blinding, delivery, robust_features
 from protocols import messages as m
 from protocols.local_work import local_epochs
@@ -136,19 +137,27 @@ def _rows(
 
 def _feature_stats(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     req = m.FeatureStatsRequest.from_content(msg.content, "query.feature_stats")
+    spec = requested_spec(msg.content, "query.feature_stats")
     X, _ = _rows(req, ctx, data, "train")
     sums = FeatureSums.of(X)
+    if spec is not None:
+        values = {"n": np.asarray(float(sums.n)), "sums": sums.sums, "sumsq": sums.sumsq}
+        return secure_reply(spec, values, ctx, data, "query.feature_stats")
     return m.FeatureStats(n=sums.n, sums=sums.sums.tolist(), sumsq=sums.sumsq.tolist()).to_content()
 
 
 def _feature_sketch(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
-    req = m.FeatureSketchRequest.from_content(msg.content, "query.feature_sketch")
+    what = "query.feature_sketch"
+    req = m.FeatureSketchRequest.from_content(msg.content, what)
+    spec = requested_spec(msg.content, what)
     if req.robust is not None:
-        raise m.ProtocolError("query.feature_sketch: sketches are of untransformed rows")
+        raise m.ProtocolError(f"{what}: sketches are of untransformed rows")
     X, _ = _rows(req, ctx, data, "train")
     counts = robust_features.sketch(
         X, np.asarray(req.mean), np.asarray(req.std), robust_features.flag_columns(req.features)
     )
+    if spec is not None:
+        return secure_reply(spec, {"sketch": counts.astype(np.float64)}, ctx, data, what)
     return m.FeatureSketch(
         width=counts.shape[0], bins=counts.shape[1], counts=m.ints_to_bytes(counts)
     ).to_content()
@@ -176,6 +185,7 @@ def _model_and_rows(
 
 
 def _train(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    spec = requested_spec(msg.content, "train")
     req, model, X, y = _model_and_rows(msg, ctx, data, "train")
     from protocols.model import TrainConfig, scheduled_lr, train_local
 
@@ -188,6 +198,11 @@ def _train(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         seed=req.seed * 100_003 + req.server_round,
     )
     loss = train_local(model, X, y, cfg)  # type: ignore[arg-type]
+    if spec is not None:
+        from protocols.training_sums import train_values
+
+        state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}  # type: ignore[attr-defined]
+        return secure_reply(spec, train_values(state, len(y), float(loss)), ctx, data, "train")
     return RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),  # type: ignore[attr-defined]
@@ -197,6 +212,7 @@ def _train(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
 
 
 def _evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    spec = requested_spec(msg.content, "evaluate")
     req, model, X, y = _model_and_rows(msg, ctx, data, None)
     from protocols.metrics import ScoreHistogram
     from protocols.model import log_loss, predict_proba
@@ -207,12 +223,23 @@ def _evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     X_train, y_train = _rows(req, ctx, data, "train")
     X_train = Scaler(np.asarray(req.mean), np.asarray(req.std)).transform(X_train)
     train = ScoreHistogram.of(predict_proba(model, X_train), y_train)  # type: ignore[arg-type]
+    loss = float(log_loss(model, X, y)) if len(y) else 0.0  # type: ignore[arg-type]
+    if spec is not None:
+        values = {
+            "n": np.asarray(float(len(y))),
+            "loss": np.asarray(loss * len(y)),
+            "hist-pos": hist.positives,
+            "hist-neg": hist.negatives,
+            "train-hist-pos": train.positives,
+            "train-hist-neg": train.negatives,
+        }
+        return secure_reply(spec, values, ctx, data, "evaluate")
     return RecordDict(
         {
             "metrics": MetricRecord(
                 {
                     "num-examples": len(y),
-                    "loss": float(log_loss(model, X, y)) if len(y) else 0.0,  # type: ignore[arg-type]
+                    "loss": loss,
                     "hist-pos": hist.positives.tolist(),
                     "hist-neg": hist.negatives.tolist(),
                     "train-hist-pos": train.positives.tolist(),

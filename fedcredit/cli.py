@@ -340,6 +340,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if borrowers < 1000:
             raise UsageError("--borrowers must be at least 1,000")
         result = query_speed.run(borrowers, args.platforms, args.key_bits, args.seed)
+    elif args.name == "secagg":
+        from fedcredit.bench import secagg_speed
+
+        rounds = args.rounds or 5
+        if not 1 <= rounds <= 100:
+            raise UsageError("--rounds must be between 1 and 100")
+        result = secagg_speed.run(args.platforms, args.borrowers, rounds, seed=args.seed)
     elif args.name == "uci":
         from fedcredit.bench import uci_federation
 
@@ -348,12 +355,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if not csv.is_file():
             raise UsageError(f"--csv: no such file: {csv}")
-        if not 1 <= args.rounds <= 500:
+        if not 1 <= (args.rounds or 20) <= 500:
             raise UsageError("--rounds must be between 1 and 500")
         from clients.ledger.importer import ImportValidationError, MappingError
 
         try:
-            result = uci_federation.run(csv, rounds=args.rounds)
+            result = uci_federation.run(csv, rounds=args.rounds or 20)
         except DemoError as exc:
             raise UsageError(str(exc)) from None
         except (ImportValidationError, MappingError) as exc:
@@ -532,12 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true")
     gen.set_defaults(func=cmd_key_generate)
 
-    from fedcredit import audit_cli, deploy_cli, enrol_cli, keyholder_cli
+    from fedcredit import audit_cli, deploy_cli, enrol_cli, keyholder_cli, train_cli
 
     enrol_cli.register(sub)
     keyholder_cli.register(sub)
     audit_cli.register(sub)
     deploy_cli.register(sub)
+    train_cli.register(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -561,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (figures and ratios vs a same-run baseline)")
     bench.add_argument(
-        "name", choices=["datagen", "datagen-quality", "paillier", "query", "uci", "convergence"]
+        "name",
+        choices=["datagen", "datagen-quality", "paillier", "query", "uci", "secagg", "convergence"],
     )
     bench.add_argument(
         "--borrowers",
@@ -573,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     bench.add_argument("--key-bits", type=int, default=2048, help="paillier: 2048 or 3072")
     bench.add_argument("--tokens", type=int, default=3000, help="paillier: tokens to encrypt")
-    bench.add_argument("--rounds", type=int, default=20, help="uci: FedAvg rounds")
+    bench.add_argument(
+        "--rounds", type=int, default=None, help="uci: FedAvg rounds (20); secagg: (5)"
+    )
     bench.add_argument("--csv", help="uci: the CSV (default ../shared/data/uci_credit_card.csv)")
     bench.add_argument("--mapping", help="convergence: the CSV's import mapping (TOML)")
     bench.add_argument("--json", action="store_true")

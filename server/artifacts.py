@@ -83,6 +83,8 @@ def save_model(
         ],
         "held_out": metrics,
         "history": trained.history,
+        "secure_aggregation": trained.secure_aggregation,
+        "dropped_platforms": trained.dropped,
         "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "flwr_version": flwr.__version__,
         "torch_version": torch.__version__,

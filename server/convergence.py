@@ -57,19 +57,28 @@ def local_steps(settings: FederationSettings, train_rows: int) -> int:
     return auto_local_steps(train_rows, settings.batch_size)
 
 
-def make_strategy(base: type[FedAvg], settings: FederationSettings, **kwargs: object) -> FedAvg:
-    """``base`` (a FedAvg, e.g. the strict one) with the configured server optimiser on top.
+def make_strategy(
+    base: type[FedAvg], settings: FederationSettings, *base_args: object, **kwargs: object
+) -> FedAvg:
+    """``base(*base_args, **kwargs)`` (a FedAvg: the strict one, or the secure one) with the
+    configured server optimiser on top.
 
     The optimiser classes are Flower's; combining them with ``base`` by inheritance keeps
-    ``base``'s behaviour (strict failure handling, and whatever aggregation it does) under
-    the optimiser's step: FedAdam's ``aggregate_train`` calls ``base``'s and then moves the
-    global weights along the averaged update.
+    ``base``'s behaviour (strict failure handling, secure sums) under the optimiser's step:
+    FedAdam's ``aggregate_train`` calls ``base``'s and then moves the global weights along
+    the averaged update. ``base_args`` (the secure strategy's rounds and label) are bound in
+    a subclass, since Flower's optimiser passes only FedAvg's keywords up the chain.
     """
     name = settings.server_optimizer
     if name == "fedavg":
-        return base(**kwargs)  # type: ignore[arg-type]
+        return base(*base_args, **kwargs)  # type: ignore[arg-type]
     optimiser = {"fedadam": FedAdam, "fedyogi": FedYogi}[name]
-    combined = type(f"{base.__name__}With{optimiser.__name__}", (optimiser, base), {})
+
+    def bound_init(self: FedAvg, **kw: object) -> None:
+        base.__init__(self, *base_args, **kw)  # type: ignore[misc]
+
+    bound = type(base.__name__, (base,), {"__init__": bound_init})
+    combined = type(f"{base.__name__}With{optimiser.__name__}", (optimiser, bound), {})
     return combined(  # type: ignore[no-any-return]
         eta=settings.server_learning_rate,
         eta_l=settings.learning_rate,

@@ -198,7 +198,11 @@ def run_federation(
     """
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"status": "running", "settings": settings.as_run_config()}
+    summary: dict[str, Any] = {
+        "status": "running",
+        "settings": settings.as_run_config(),
+        "secure_aggregation": settings.secure_aggregation,
+    }
     seconds: dict[str, float] = {}
     histograms: dict[str, np.ndarray] = {}
     try:
@@ -217,8 +221,11 @@ def run_federation(
 
         def train(kind: str, feature_set: str, names_: list[str]) -> None:
             t = time.perf_counter()
-            trained = train_federated(grid, nodes, kind, feature_set, names_, settings)
+            trained = train_federated(grid, nodes, kind, feature_set, names_, settings, names)
             entry = _model_summary(trained, names, {})
+            entry["secure_aggregation"] = trained.secure_aggregation
+            if trained.dropped:
+                entry["dropped"] = trained.dropped
             metrics = {
                 **trained.histogram.summary(),
                 "brier": entry["calibration"]["brier"],
@@ -230,6 +237,9 @@ def run_federation(
             for node, hist in trained.per_node.items():
                 histograms[f"{prefix}:{names[node]}:pos"] = hist.positives
                 histograms[f"{prefix}:{names[node]}:neg"] = hist.negatives
+            if trained.summed is not None:  # secure aggregation: only the sum exists
+                histograms[f"{prefix}:all:pos"] = trained.summed.positives
+                histograms[f"{prefix}:all:neg"] = trained.summed.negatives
             seconds[f"train-{prefix}"] = time.perf_counter() - t
 
         if "train" in settings.stage_list:

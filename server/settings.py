@@ -55,6 +55,8 @@ class FederationSettings(BaseModel):
     node_wait: float = Field(default=120.0, alias="node-wait", gt=0)
     timeout: float = Field(default=1800.0, gt=0)
     seed: int = Field(default=0, ge=0)
+    # Mask every training sum (protocols/secure_sum.py); false keeps the plain replies.
+    secure_aggregation: bool = Field(default=True, alias="secure-aggregation")
 
     @field_validator("stages")
     @classmethod

@@ -7,6 +7,10 @@ replies are score histograms; they are summed, and AUC and KS read off the sum (
 ``protocols.metrics``), never averaged across platforms. The same goes for calibration: the
 Brier score and reliability table come off the summed held-out histogram, and the PSI
 compares it with the summed histogram of the training rows' scores (``train-hist-*``).
+
+With ``secure-aggregation`` (the default) the scaler's sums, FedAvg's and every evaluation
+are secure sums (``server.secure_aggregation``): the coordinator never holds one platform's
+vector, so ``TrainedModel`` then carries only the summed histograms.
 """
 
 from __future__ import annotations
@@ -63,13 +67,7 @@ def federated_scaler(
     robust: RobustTransform | None = None,
 ) -> Scaler:
     """Mean and std of the training rows (after ``robust``, if given), from summed sums."""
-    request = m.FeatureStatsRequest(
-        feature_set=feature_set,
-        features=features,
-        test_share=settings.test_share,
-        validation_share=settings.validation_share,
-        robust=None if robust is None else m.RobustSpec(**robust.to_dict()),  # type: ignore[arg-type]
-    )
+    request = feature_stats_request(feature_set, features, settings, robust)
     replies = ask_all(grid, nodes, "query.feature_stats", request.to_content(), settings.timeout)
     parts = []
     for node, content in replies.items():
@@ -78,6 +76,21 @@ def federated_scaler(
             raise FederationError(f"node {node} sent sums for {len(stats.sums)} features")
         parts.append(FeatureSums(stats.n, np.asarray(stats.sums), np.asarray(stats.sumsq)))
     return combine(parts)
+
+
+def feature_stats_request(
+    feature_set: str,
+    features: list[str],
+    settings: FederationSettings,
+    robust: RobustTransform | None = None,
+) -> m.FeatureStatsRequest:
+    return m.FeatureStatsRequest(
+        feature_set=feature_set,  # type: ignore[arg-type]
+        features=features,
+        test_share=settings.test_share,
+        validation_share=settings.validation_share,
+        robust=None if robust is None else m.RobustSpec(**robust.to_dict()),  # type: ignore[arg-type]
+    )
 
 
 def histogram_of(record: MetricRecord, prefix: str = "hist") -> ScoreHistogram:
@@ -148,6 +161,13 @@ class TrainedModel:
     per_node: dict[int, ScoreHistogram] = field(default_factory=dict)
     # The training rows' score histograms, from the same final evaluation as ``per_node``.
     train_per_node: dict[int, ScoreHistogram] = field(default_factory=dict)
+
+    # With secure aggregation the coordinator holds only these sums, never ``per_node``.
+    summed: ScoreHistogram | None = None
+    train_summed: ScoreHistogram | None = None
+    secure_aggregation: bool = False
+    # Platforms dropped mid-training (secure aggregation re-runs the round without them).
+    dropped: dict[str, str] = field(default_factory=dict)
     robust: RobustTransform | None = None
     local_steps: int = 0
     # Why the round loop ended, and after how many rounds (server/convergence.py).
@@ -157,6 +177,8 @@ class TrainedModel:
     @property
     def histogram(self) -> ScoreHistogram:
         """Held-out scores summed over platforms."""
+        if self.summed is not None:
+            return self.summed
         total = ScoreHistogram.empty()
         for hist in self.per_node.values():
             total = total + hist
@@ -166,6 +188,8 @@ class TrainedModel:
     def train_histogram(self) -> ScoreHistogram | None:
         """Training rows' scores summed over platforms; None unless every platform sent
         them (a partial sum would make the PSI compare different populations)."""
+        if self.summed is not None:
+            return self.train_summed
         if not self.per_node or set(self.train_per_node) != set(self.per_node):
             return None
         return sum(self.train_per_node.values(), ScoreHistogram.empty())
@@ -233,22 +257,17 @@ def train_federated(
     feature_set: str,
     features: list[str],
     settings: FederationSettings,
+    names: dict[int, str] | None = None,
 ) -> TrainedModel:
     """Federated robust features and scaling, then FedAvg rounds until converged
-    (``server/convergence.py``), then a per-platform evaluation on the test people."""
+    (``server/convergence.py``), then an evaluation on the test people.
+
+    With ``secure-aggregation`` (``names``: node id -> enrolled platform name) every sum is
+    masked (``server.secure_aggregation``) and the final evaluation is a sum too.
+    """
     label = f"train {kind} ({feature_set} features)"
     progress.report(label, 0, settings.num_rounds, "scaling")
-    robust, scaler = prepare_features(grid, nodes, feature_set, features, settings)
-    steps = convergence.local_steps(settings, scaler.n)
-    model = build_model(kind, len(features), seed=settings.seed)
-    base = instructions(kind, feature_set, features, scaler, settings, robust, steps)
-    split = "validation" if settings.validation_share > 0 else "test"
-    eval_config = (
-        base.model_copy(update={"eval_split": split}).to_content().config_records[m.PAYLOAD_KEY]
-    )
-    strategy = convergence.make_strategy(
-        StrictFedAvg,
-        settings,
+    strategy_args: dict[str, Any] = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=len(nodes),
@@ -257,11 +276,35 @@ def train_federated(
         configrecord_key=m.PAYLOAD_KEY,
         evaluate_metrics_aggr_fn=sum_histograms,
     )
+    rounds = None
+    prefix = f"{kind}-{feature_set}"
+    if settings.secure_aggregation:
+        from server import secure_aggregation as sa
+
+        # A dropout shrinks the set down to two platforms (the sum still hides each one from
+        # the coordinator); min-nodes only says how many must connect before the run starts.
+        rounds = sa.SecureRounds(grid, sa.names_for(nodes, names), settings.timeout)
+        robust, scaler = prepare_features(
+            grid, nodes, feature_set, features, settings, rounds=rounds, label=prefix
+        )
+        strategy = convergence.make_strategy(
+            sa.SecureFedAvg, settings, rounds, prefix, **strategy_args
+        )
+    else:
+        robust, scaler = prepare_features(grid, nodes, feature_set, features, settings)
+        strategy = convergence.make_strategy(StrictFedAvg, settings, **strategy_args)
+    steps = convergence.local_steps(settings, scaler.n)
+    model = build_model(kind, len(features), seed=settings.seed)
+    base = instructions(kind, feature_set, features, scaler, settings, robust, steps)
+    split = "validation" if settings.validation_share > 0 else "test"
+    eval_config = (
+        base.model_copy(update={"eval_split": split}).to_content().config_records[m.PAYLOAD_KEY]
+    )
     history: list[dict[str, float]] = []
     latest: list[MetricRecord] = []
 
-    # Flower's strategy loop logs each round; the rounds' held-out metrics come back in the
-    # result, and progress is reported per round through the evaluation aggregation hook.
+    # The rounds' validation metrics come back through the evaluation aggregation hook, which
+    # also reports progress; the round loop reads the latest loss to decide when to stop.
     def on_round(records: list[RecordDict], weight_key: str) -> MetricRecord:
         metrics = sum_histograms(records, weight_key)
         entry = {
@@ -278,19 +321,17 @@ def train_federated(
         progress.report(label, len(history), settings.num_rounds, f"AUC {metrics['auc']:.4f}")
         return metrics
 
+    def train_config(scale: float) -> ConfigRecord:
+        lr = base.model_copy(update={"learning_rate": settings.learning_rate * scale})
+        return ConfigRecord(dict(lr.to_content().config_records[m.PAYLOAD_KEY]))
+
     strategy.evaluate_metrics_aggr_fn = on_round
     result = convergence.run_rounds(
         strategy,
         grid,
         ArrayRecord(model.state_dict()),
         settings,
-        train_config=lambda scale: ConfigRecord(
-            dict(
-                base.model_copy(update={"learning_rate": settings.learning_rate * scale})
-                .to_content()
-                .config_records[m.PAYLOAD_KEY]
-            )
-        ),
+        train_config=train_config,
         evaluate_config=ConfigRecord(dict(eval_config)),
         evaluated=lambda: latest[0] if latest else None,
     )
@@ -307,7 +348,18 @@ def train_federated(
         stopped_because=result.stopped_because,
         best_round=result.best_round,
     )
-    trained.per_node, trained.train_per_node = evaluate_per_node(grid, nodes, trained, settings)
+    if rounds is None:
+        trained.per_node, trained.train_per_node = evaluate_per_node(grid, nodes, trained, settings)
+        return trained
+
+    def final_request() -> RecordDict:
+        content = trained.instructions(settings).to_content()
+        content.array_records["arrays"] = trained.arrays
+        return content
+
+    trained.summed, trained.train_summed = sa.secure_evaluate(rounds, prefix, final_request)
+    trained.secure_aggregation = True
+    trained.dropped = dict(rounds.dropped)
     return trained
 
 

@@ -31,6 +31,20 @@ def uci_csv() -> Path:
     return UCI_CSV
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put every ``slow`` test (Flower's real runtime: Ray or a deployment) on one xdist worker.
+
+    With ``--dist loadgroup`` (the Makefile's test command) tests of one group run one after
+    another on the same worker. On a 2-core machine a Ray simulation (which takes both cores)
+    beside a 4-SuperNode deployment starved the SuperNodes' per-message ClientApp processes
+    past the query timeout, so a test that checks dropouts saw a platform it never killed drop
+    out. The fast tests still run on the other worker meanwhile.
+    """
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("runtime"))
+
+
 @pytest.fixture
 def federation_key() -> bytes:
     return generate_federation_key()

@@ -100,7 +100,9 @@ def test_pipeline_outputs(federation, truth, ledgers) -> None:  # type: ignore[n
         for feature_set in ("local", "cross"):
             entry = summary["models"][kind][feature_set]
             assert [h["round"] for h in entry["history"]] == [1, 2, 3]
-            assert set(entry["per_platform"]) == set(summary["platforms"])
+            # Secure aggregation (the default): the bureau holds only sums, never one
+            # platform's figures (tests/test_secure_training.py covers the mechanism).
+            assert entry["per_platform"] == {} and entry["secure_aggregation"] is True
             # Calibration from the summed histograms (3 rounds on tiny data: not calibrated
             # yet, so only the shape is checked here; the numbers in test_metrics_*).
             cal = entry["calibration"]
@@ -130,14 +132,18 @@ def test_saved_model_metadata_and_weights(federation) -> None:  # type: ignore[n
 
 
 def test_no_raw_rows_cross_the_wire(federation, ledgers) -> None:  # type: ignore[no-untyped-def]
-    """Replies carry weights, sums, histograms, tokens and ciphertexts; never ledger rows."""
+    """Replies carry masked sums, tokens and ciphertexts; never ledger rows.
+
+    Training is securely aggregated by default: train, evaluate and feature_stats replies are
+    one masked vector each (``secure-sum``), no weights, no histograms.
+    """
     _, _, grid = federation
     allowed = {
         "query.describe": ({"payload"}, set()),
-        "query.feature_stats": ({"payload"}, set()),
-        "query.feature_sketch": ({"payload"}, set()),
-        "train": ({"metrics"}, {"arrays"}),
-        "evaluate": ({"metrics"}, set()),
+        "query.feature_stats": ({"secure-sum"}, set()),
+        "train": ({"secure-sum"}, set()),
+        "evaluate": ({"secure-sum"}, set()),
+        "query.feature_sketch": ({"secure-sum"}, set()),
         "query.match_start": ({"payload"}, set()),
         "query.match_blind": ({"payload"}, set()),
         "query.match_done": ({"payload"}, set()),
@@ -151,16 +157,8 @@ def test_no_raw_rows_cross_the_wire(federation, ledgers) -> None:  # type: ignor
         content = reply.content
         assert set(content.config_records) | set(content.metric_records) <= records
         assert set(content.array_records) == arrays
-        if kind == "evaluate":
-            metrics = content.metric_records["metrics"]
-            assert set(metrics) == {
-                "num-examples",
-                "loss",
-                "hist-pos",
-                "hist-neg",
-                "train-hist-pos",
-                "train-hist-neg",
-            }
+        if kind in ("train", "evaluate", "query.feature_stats"):
+            assert set(content.config_records["secure-sum"]) == {"nonce", "masked", "count"}
 
 
 def test_debt_profile_replies_do_not_reveal_holdings(federation) -> None:  # type: ignore[no-untyped-def]

@@ -2,7 +2,7 @@
 
 The issue's target: on the same features, the federated model's AUC is within 0.01 of the
 centralised model's. Both use the same training code, split and number of passes; the
-federated one only ever sees sums and model weights (in-process transport; the same apps run
+federated one only ever sees securely aggregated sums (in-process transport; the same apps run
 through Flower's simulation engine in ``fedcredit bench uci``).
 """
 
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from clients.app import build_client_app
 from clients.ledger.importer import import_file
 from clients.platform_data import load_platform_data
 from fedcredit.demo import baselines
@@ -21,6 +20,7 @@ from server.federation import run_federation
 from server.settings import FederationSettings
 from tests.conftest import REPO
 from tests.inprocess import InProcessGrid
+from tests.parties import enrol
 
 ROUNDS = 10
 
@@ -48,7 +48,9 @@ def uci_platforms(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def test_federated_matches_centralised_on_uci(
     uci_platforms: list[str], tmp_path: Path, kind: str
 ) -> None:
-    grid = InProcessGrid(build_client_app(uci_platforms), 3)
+    # Enrolled platforms: training is securely aggregated, as in a real run.
+    parties = enrol(uci_platforms, tmp_path / "parties")
+    grid = InProcessGrid(parties.client_app(), 3)
     settings = FederationSettings.model_validate(
         {"out-dir": str(tmp_path), "stages": "train", "model": kind, "num-rounds": ROUNDS}
     )

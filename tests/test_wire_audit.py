@@ -9,7 +9,9 @@ the recorded views:
 * no platform receives any plaintext token (not even its own customers' being asked about);
 * no ciphertext of one platform's reply decrypts to that platform's figures;
 * only full sums decrypt to valid values (partial sums are noise);
-* nothing the coordinator writes to its out-dir holds a token.
+* nothing the coordinator writes to its out-dir holds a token;
+* training replies (weights, feature sums, histograms) are masked vectors that look uniform
+  alone, and only the full set of a round's replies sums to the right totals.
 
 The federation runs once per module (about a minute); each property is its own test so a
 failure names exactly what leaked, with counts and a first example. Run without ``-x`` to see
@@ -20,6 +22,8 @@ traffic, and its scanners must find a token planted in a copy of the view.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +39,7 @@ from protocols.packing import debt_profile_layout
 from tests.conftest import REPO
 from tests.wire_audit import (
     DEBT_PROFILE_REPLY,
+    SECURE_SUM_TYPES,
     TokenIndex,
     WireRecord,
     WireRecorder,
@@ -43,7 +48,9 @@ from tests.wire_audit import (
     find_tokens,
     load_views,
     scan_files,
+    secure_sum_groups,
     summarise_hits,
+    uniformity,
 )
 
 pytestmark = pytest.mark.slow
@@ -278,3 +285,88 @@ def test_coordinator_out_dir_holds_no_token(audit: AuditRun) -> None:
         f"and decoded contents) "
         f"({len({h.token for h in hits}):,} distinct) in {dict(files)} (first: {first})"
     )
+
+
+# ------------------------------------------------------------------------- training (secure sums)
+
+
+def test_training_replies_hold_no_single_platform_vector(audit: AuditRun) -> None:
+    """Every train, evaluate and feature-stats reply the coordinator received is one masked
+    vector: no weights, no histogram, no sums in the clear; each looks uniform on its own."""
+    replies = [r for r in audit.coordinator if r.message_type in SECURE_SUM_TYPES]
+    kinds = Counter(r.message_type for r in replies)
+    assert set(kinds) == set(SECURE_SUM_TYPES), f"training traffic seen: {kinds}"
+    clear = [
+        f"{r.party} {r.message_type}: arrays {sorted(r.content.get('arrays', {}))}, metrics "
+        f"{sorted(r.content.get('metrics', {}))}, config {sorted(r.content.get('config', {}))}"
+        for r in replies
+        if r.content.get("arrays")
+        or r.content.get("metrics")
+        or set(r.content.get("config", {})) != {"secure-sum"}
+    ]
+    assert not clear, f"{len(clear)} training replies carry plain records: {clear[:3]}"
+    for kind in SECURE_SUM_TYPES:
+        for record in (r for r in replies if r.message_type == kind):
+            plain_like, chi2 = uniformity([record.content["config"]["secure-sum"]["masked"]])
+            words = len(record.content["config"]["secure-sum"]["masked"]) // 8
+            # One reply alone: top bytes not piled on 0x00/0xff (a plaintext vector puts
+            # nearly every word there; a uniform one 0.8 %, and 25 % of even the shortest
+            # reply, 24 words, has probability below 1e-7).
+            assert plain_like < 0.25, (record.party, kind, plain_like)
+            if words >= 2560:  # enough words for a chi-square over 256 cells
+                assert chi2 < 400, (record.party, kind, chi2)
+
+
+def test_training_sums_are_right_and_only_full_sums_decode(audit: AuditRun) -> None:
+    """The replies of one secure sum add up to the right totals (row counts against the
+    platforms' own descriptions); any proper subset fails the sum's check word."""
+    from protocols import secure_sum as ss
+
+    groups = secure_sum_groups(audit.coordinator, audit.platforms)
+    assert groups, "no secure sums recorded"
+    summary = json.loads((audit.out_dir / "federation.json").read_text())
+    rows = {p["platform"]: p for p in summary["platform_details"]}
+    full = partial = 0
+    for group in groups:
+        spec = group.spec
+        assert len(group.replies) == len(spec.participants), "a sum with missing replies"
+        total = ss.unmask_sum(list(group.replies.values()), spec)
+        full += 1
+        expected = {
+            "query.feature_stats": "train_rows",
+            "train": "train_rows",
+            "evaluate": "test_rows",
+        }[group.message_type]
+        assert total["n"] == sum(rows[p][expected] for p in spec.participants), (
+            group.message_type,
+            spec.round_id,
+        )
+        for size in range(1, len(spec.participants)):
+            for subset in itertools.combinations(group.replies.values(), size):
+                words = sum(
+                    (ss.words_of(b, spec) for b in subset), np.zeros(spec.count, dtype=np.uint64)
+                )
+                partial += 1
+                assert int(words[-1]) != size, f"a subset of {spec.round_id} cancels its masks"
+    assert full > 0 and partial > 0
+
+
+def test_uniformity_check_flags_an_unmasked_vector(audit: AuditRun) -> None:
+    """Self-test: the same spec's vector quantised but not masked fails the check above."""
+    from protocols import secure_sum as ss
+
+    group = next(
+        g
+        for g in secure_sum_groups(audit.coordinator, audit.platforms)
+        if g.message_type == "train"
+    )
+    rng = np.random.default_rng(0)
+    values = {
+        f.name: (rng.normal(0, 0.3, f.shape) * 700 if not f.integer else np.full(f.shape, 700.0))
+        for f in group.spec.fields
+    }
+    plain = ss.quantise(values, group.spec).astype("<u8").tobytes()
+    plain_like, _ = uniformity([plain])
+    assert plain_like > 0.9, plain_like
+    masked = next(iter(group.replies.values()))
+    assert uniformity([masked])[0] < 0.25

@@ -532,3 +532,64 @@ def reply_ciphertexts(
             )
         cts = [int.from_bytes(blob[i : i + width], "big") for i in range(0, len(blob), width)]
         yield record, query_of(record), cts
+
+
+# ------------------------------------------------------------------------------ secure sums
+
+SECURE_SUM_TYPES = ("train", "evaluate", "query.feature_stats")
+
+
+@dataclass(frozen=True)
+class SecureSumGroup:
+    """One secure sum as the wire saw it: the spec the platforms were sent, and each
+    participant's masked reply as the coordinator received it."""
+
+    spec: Any  # protocols.secure_sum.SecureSumSpec
+    message_type: str
+    replies: dict[int, bytes]  # partition (or node id) -> masked vector
+
+
+def secure_sum_groups(
+    coordinator: Sequence[WireRecord], platforms: dict[int, list[WireRecord]]
+) -> list[SecureSumGroup]:
+    """Pair every masked training reply with the spec of the request it answers (by nonce)."""
+    from protocols import secure_sum as ss
+
+    specs: dict[str, Any] = {}
+    for view in platforms.values():
+        for record in view:
+            raw = record.content.get("config", {}).get(ss.SPEC_KEY, {}).get("spec")
+            if isinstance(raw, bytes):
+                spec = ss.SecureSumSpec.model_validate_json(raw)
+                specs[spec.nonce] = (spec, record.message_type)
+    groups: dict[str, dict[int, bytes]] = defaultdict(dict)
+    for record in coordinator:
+        if record.message_type not in SECURE_SUM_TYPES or record.error:
+            continue
+        body = record.content.get("config", {}).get(ss.SPEC_KEY, {})
+        nonce, masked = body.get("nonce"), body.get("masked")
+        if isinstance(nonce, str) and isinstance(masked, bytes):
+            key = record.partition if record.partition is not None else record.node_id
+            groups[nonce][key] = masked
+    return [
+        SecureSumGroup(specs[nonce][0], specs[nonce][1], replies)
+        for nonce, replies in groups.items()
+        if nonce in specs
+    ]
+
+
+def uniformity(blobs: Sequence[bytes]) -> tuple[float, float]:
+    """``(share of words that look like plaintext, chi-square of their top byte)``.
+
+    A quantised plaintext entry (a count, a histogram bin, a weight times rows, positive or
+    negative) is small in two's complement: its top byte is 0x00 or 0xff. A uniform word has
+    such a top byte with probability 2/256, so masked replies show under 1 % of them and a
+    plain vector nearly 100 %. The chi-square over the 256 top-byte cells (255 degrees of
+    freedom) is for long vectors.
+    """
+    words = np.concatenate([np.frombuffer(b, dtype="<u8") for b in blobs])
+    top = (words >> np.uint64(56)).astype(np.int64)
+    counts = np.bincount(top, minlength=256)
+    expected = len(words) / 256
+    plain_like = float((counts[0] + counts[255]) / len(words))
+    return plain_like, float(((counts - expected) ** 2 / expected).sum())

@@ -66,6 +66,10 @@ class DemoOptions(BaseModel):
     query_batch: int = Field(default=3000, ge=1)
     learning_rate: float = 0.05
     batch_size: int = 256
+    secure_aggregation: bool = True
+    stages: str = "train,query,cross"
+    # Further run-config keys for the ServerApp (``fedcredit train`` forwards --dp-* here).
+    run_config: dict[str, float | int | str | bool] = Field(default_factory=dict)
 
     @field_validator("model")
     @classmethod
@@ -118,6 +122,9 @@ def _run_simulation(
         "query-batch": opts.query_batch,
         "learning-rate": opts.learning_rate,
         "batch-size": opts.batch_size,
+        "secure-aggregation": opts.secure_aggregation,
+        "stages": opts.stages,
+        **opts.run_config,
     }
     cpus = os.cpu_count() or 1
     summary_path = fed_out / "federation.json"
@@ -407,6 +414,7 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
             for kind in kinds
         },
         "queries": queries,
+        "secure_aggregation": fed.get("secure_aggregation"),
         "unavailable": unavailable,
         "settings": {**opts.model_dump(mode="json"), "federation": fed.get("settings")},
     }
