@@ -21,6 +21,7 @@ from clients.platform_data import load_platform_data
 from fedcredit.datagen.config import PopulationConfig
 from fedcredit.datagen.generate import generate, seeded_federation_key
 from fedcredit.demo import baselines
+from fedcredit.enrolment import Enrolment, enrol_platforms
 from protocols import messages as m
 from protocols import robust_features as rf
 from protocols.local_work import MIN_LOCAL_STEPS, auto_local_steps, local_epochs
@@ -196,11 +197,19 @@ def small_ledgers(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     key = out / "federation.key"
     write_federation_key(key, seeded_federation_key(5))
     data = generate(PopulationConfig(platforms=3, borrowers=1000, seed=5), out, key_file=key)
-    return [str(p.ledger) for p in data.platforms]
+    ledgers = [str(p.ledger) for p in data.platforms]
+    # Enrolled platforms: training sums are securely aggregated, as in a real run.
+    _ENROLMENTS[tuple(ledgers)] = enrol_platforms(ledgers, out / "parties")
+    return ledgers
+
+
+_ENROLMENTS: dict[tuple[str, ...], Enrolment] = {}
 
 
 def _federate(ledgers: list[str], out: Path, **config: object) -> dict:  # type: ignore[type-arg]
-    grid = InProcessGrid(build_client_app(ledgers), len(ledgers))
+    enrolment = _ENROLMENTS[tuple(ledgers)]
+    app = build_client_app(ledgers, enrolment.identities, enrolment.roster)
+    grid = InProcessGrid(app, len(ledgers))
     settings = FederationSettings.model_validate(
         {"out-dir": str(out), "stages": "train", "model": "lr", "num-rounds": 15, **config}
     )

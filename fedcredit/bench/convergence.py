@@ -13,7 +13,8 @@ HistGradientBoostingClassifier on the same pooled training rows:
 * ``fedadam``, ``fedyogi``: the same with Flower's server optimisers on top.
 
 The transport is in-process (``fedcredit.inprocess``): training and the sums it needs are the
-same messages and handlers as on Flower's runtimes, without the debt query (the random split
+same messages and handlers as on Flower's runtimes (enrolled platforms, every sum securely
+aggregated), without the debt query (the random split
 has no cross-platform borrowers to total). ``gap`` is pooled minus federated AUC.
 """
 
@@ -38,6 +39,7 @@ from clients.ledger.importer import import_file
 from clients.ledger.mapping import mapping_from_dict
 from clients.platform_data import PlatformData, load_platform_data
 from fedcredit.demo import baselines
+from fedcredit.enrolment import enrol_platforms
 from fedcredit.inprocess import InProcessGrid
 from protocols.model import TrainConfig
 from server.federation import run_federation
@@ -130,6 +132,8 @@ def run(
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fedcredit-convergence-") as tmp:
         ledgers = split_at_random(csv_path, mapping_path, Path(tmp), seed)
+        # Enrolled platforms: training sums are securely aggregated, as in a real run.
+        enrolment = enrol_platforms(ledgers, Path(tmp) / "parties")
         platforms = [load_platform_data(loc) for loc in ledgers]
         features: list[str] = []
         logged: list[str] = []
@@ -145,7 +149,8 @@ def run(
                         **REGIMES[regime],
                     }
                 )
-                grid = InProcessGrid(build_client_app(ledgers), len(ledgers))
+                app = build_client_app(ledgers, enrolment.identities, enrolment.roster)
+                grid = InProcessGrid(app, len(ledgers))
                 summary = run_federation(grid, settings)
                 features = summary["features"]["local"]
                 entry = summary["models"][kind]["local"]
