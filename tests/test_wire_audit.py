@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from protocols.packing import debt_profile_layout
+from server.settings import FederationSettings
 from tests.conftest import REPO
 from tests.wire_audit import (
     DEBT_PROFILE_REPLY,
@@ -73,6 +73,8 @@ class AuditRun:
     own_tokens: dict[int, set[str]]  # partition -> its ledger's tokens
     own_profiles: dict[int, set[tuple[int, int, int]]]  # partition -> its (debt, loans, flag) rows
     private_key: Any
+    # platform -> labelled rows per split (train, validation, test) under the run's settings
+    split_rows: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def _private_key_for_run(parties_dir: Path) -> Any:
@@ -134,8 +136,18 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditRun]:
     coordinator, platforms = load_views(records_dir)
     own_tokens: dict[int, set[str]] = {}
     own_profiles: dict[int, set[tuple[int, int, int]]] = {}
+    split_rows: dict[str, dict[str, int]] = {}
+    run = FederationSettings()  # the demo keeps the default shares
     for pid, location in enumerate(ledgers):
         pdata = load_platform_data(location)
+        split_rows[pdata.platform] = {
+            split: int(
+                (
+                    pdata.labelled & pdata.split_mask(split, run.test_share, run.validation_share)
+                ).sum()
+            )
+            for split in ("train", "validation", "test")
+        }
         own_tokens[pid] = set(pdata.features.tokens)
         own_profiles[pid] = {tuple(int(v) for v in row) for row in pdata.profiles}  # type: ignore[misc]
     yield AuditRun(
@@ -146,6 +158,7 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditRun]:
         own_tokens=own_tokens,
         own_profiles=own_profiles,
         private_key=_private_key_for_run(fed_out.parent / "parties"),
+        split_rows=split_rows,
     )
 
 
@@ -324,23 +337,25 @@ def test_training_sums_are_right_and_only_full_sums_decode(audit: AuditRun) -> N
 
     groups = secure_sum_groups(audit.coordinator, audit.platforms)
     assert groups, "no secure sums recorded"
-    summary = json.loads((audit.out_dir / "federation.json").read_text())
-    rows = {p["platform"]: p for p in summary["platform_details"]}
     full = partial = 0
     for group in groups:
         spec = group.spec
         assert len(group.replies) == len(spec.participants), "a sum with missing replies"
         total = ss.unmask_sum(list(group.replies.values()), spec)
         full += 1
-        expected = {
-            "query.feature_stats": "train_rows",
-            "train": "train_rows",
-            "evaluate": "test_rows",
-        }[group.message_type]
-        assert total["n"] == sum(rows[p][expected] for p in spec.participants), (
-            group.message_type,
-            spec.round_id,
+        # Training sums are over the training people; each round's evaluation over the
+        # validation people (early stopping), the final one over the test people.
+        split = {"query.feature_stats": "train", "train": "train", "query.feature_sketch": "train"}
+        expected = split.get(group.message_type) or (
+            "test" if spec.round_id.endswith("final-evaluate") else "validation"
         )
+        rows = sum(audit.split_rows[p][expected] for p in spec.participants)
+        if group.message_type == "query.feature_sketch":
+            # A feature's rows with its missing flag set are left out; unflagged ones count all.
+            n = int(np.rint(total["sketch"]).sum(axis=1).max())
+        else:
+            n = total["n"]
+        assert n == rows, (group.message_type, spec.round_id)
         for size in range(1, len(spec.participants)):
             for subset in itertools.combinations(group.replies.values(), size):
                 words = sum(

@@ -536,7 +536,7 @@ def reply_ciphertexts(
 
 # ------------------------------------------------------------------------------ secure sums
 
-SECURE_SUM_TYPES = ("train", "evaluate", "query.feature_stats")
+SECURE_SUM_TYPES = ("train", "evaluate", "query.feature_stats", "query.feature_sketch")
 
 
 @dataclass(frozen=True)
