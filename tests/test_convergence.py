@@ -301,3 +301,15 @@ def test_server_optimiser_keeps_strict_failure_handling(small_ledgers: list[str]
     summary = _federate(small_ledgers, tmp_path, **{"server-optimizer": "fedadam", "num-rounds": 3})
     entry = summary["models"]["lr"]["local"]
     assert 1 <= entry["rounds_run"] <= 3 and 0.0 < summary["federated"]["auc"] < 1.0
+
+
+def test_bench_convergence_command_line_refusals(tmp_path: Path) -> None:
+    from fedcredit.cli import main
+
+    csv_path, mapping = tmp_path / "scoring.csv", tmp_path / "scoring.toml"
+    mapping.write_text(SCORING_MAPPING)
+    base = ["bench", "convergence", "--mapping", str(mapping)]
+    assert main(base) != 0  # no --csv
+    assert main([*base, "--csv", str(csv_path)]) != 0  # no such file
+    csv_path.write_text("age,amount,months,bad\n30,100,12,0\n")
+    assert main([*base, "--csv", str(csv_path), "--rounds", "501"]) != 0

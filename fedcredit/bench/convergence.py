@@ -215,9 +215,10 @@ def from_args(args: argparse.Namespace, usage_error: type[Exception]) -> dict[st
     for flag, path in (("--csv", csv_path), ("--mapping", mapping_path)):
         if not path.is_file():
             raise usage_error(f"{flag}: no such file: {path}")
-    if not 1 <= args.rounds <= 500:
+    rounds = args.rounds or 20
+    if not 1 <= rounds <= 500:
         raise usage_error("--rounds must be between 1 and 500")
     try:
-        return run(csv_path, mapping_path, rounds=args.rounds, seed=args.seed)
+        return run(csv_path, mapping_path, rounds=rounds, seed=args.seed)
     except (ImportValidationError, MappingError, LedgerError) as exc:
         raise usage_error(f"--csv/--mapping: {exc}") from None
