@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
-from clients import matching
+from clients import boosting, matching
 from clients.node_identity import NodeFiles, NodeIdentity, node_identity, register_files
 from clients.platform_data import PlatformData, load_platform_data
 from clients.query_log import QueryLog, query_log_for
@@ -502,6 +502,9 @@ def build_client_app(
     app.query("match_done")(serve(_match_done))
     app.query("debt_profile")(serve(_debt_profile))
     app.query("totals")(serve(_totals))
+    app.query("gbdt_sketch")(serve(boosting.sketch))
+    app.query("gbdt_level")(serve(boosting.level))
+    app.query("gbdt_evaluate")(serve(boosting.evaluate))
     return app
 
 

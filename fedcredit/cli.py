@@ -369,6 +369,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from fedcredit.bench import convergence
 
         result = convergence.from_args(args, UsageError)
+    elif args.name == "realdata":
+        from fedcredit.bench import realdata
+
+        result = realdata.from_args(args)
     else:  # argparse restricts choices; kept for safety
         raise UsageError(f"unknown benchmark {args.name!r}")
     if args.json:
@@ -561,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ledgers", help="comma-separated existing ledgers (paths or SQLAlchemy URLs)"
     )
     demo.add_argument(
-        "--model", default="mlp,lr", help="lr, mlp or both (first is primary): default mlp,lr"
+        "--model",
+        default="mlp,lr",
+        help="comma list of lr, mlp, gbdt (first is primary): default mlp,lr",
     )
     demo.add_argument("--key-bits", type=int, default=2048, help="Paillier modulus: 2048 or 3072")
     demo.add_argument("--json", action="store_true", help="print report.json to stdout")
@@ -570,7 +576,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures and ratios vs a same-run baseline)")
     bench.add_argument(
         "name",
-        choices=["datagen", "datagen-quality", "paillier", "query", "uci", "secagg", "convergence"],
+        choices=[
+            "datagen",
+            "datagen-quality",
+            "paillier",
+            "query",
+            "uci",
+            "secagg",
+            "realdata",
+            "convergence",
+        ],
     )
     bench.add_argument(
         "--borrowers",
@@ -583,10 +598,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--key-bits", type=int, default=2048, help="paillier: 2048 or 3072")
     bench.add_argument("--tokens", type=int, default=3000, help="paillier: tokens to encrypt")
     bench.add_argument(
-        "--rounds", type=int, default=None, help="uci: FedAvg rounds (20); secagg: (5)"
+        "--rounds", type=int, default=None, help="uci, realdata: FedAvg rounds (20); secagg: (5)"
     )
-    bench.add_argument("--csv", help="uci: the CSV (default ../shared/data/uci_credit_card.csv)")
-    bench.add_argument("--mapping", help="convergence: the CSV's import mapping (TOML)")
+    bench.add_argument(
+        "--csv",
+        help="uci, realdata, convergence: the CSV (uci default ../shared/data/uci_credit_card.csv)",
+    )
+    bench.add_argument("--mapping", help="realdata, convergence: the CSV's import mapping (TOML)")
+    bench.add_argument(
+        "--split", choices=["random", "skewed"], default="random", help="realdata: platform split"
+    )
+    bench.add_argument("--model", help="realdata: model kinds (default gbdt,mlp,lr)")
+    bench.add_argument("--report-dir", help="realdata: also write realdata.json, .md and .png")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     return parser

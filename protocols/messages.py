@@ -25,6 +25,9 @@ Message types (Flower routes ``train``, ``evaluate`` and ``query.<name>``):
 ``query.totals``           the platform's own borrowers' totals, sealed by the key holder
 =========================  ==================================================================
 
+Federated gradient boosting's messages (``query.gbdt_sketch``, ``query.gbdt_level``,
+``query.gbdt_evaluate``) are defined beside the boosting, in ``protocols/gbdt.py``.
+
 The protocol, and what each message reveals to whom, is docs/protocol.md.
 """
 

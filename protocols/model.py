@@ -7,6 +7,9 @@ Two architectures, both outputting the log-odds of default:
 * ``mlp``: a small multilayer perceptron (two hidden layers, 32 and 16 units), which learns
   the non-linear effect of debt relative to income without hand-built interaction terms.
 
+A third kind, ``gbdt`` (histogram gradient-boosted trees), is accepted wherever a kind is
+named; it is trained from summed histograms by ``protocols/gbdt.py``, not by this module.
+
 Training is the same code for a platform's local step inside FedAvg, for a platform training
 alone (the local-only baseline) and for the pooled centralised reference, so the comparison
 between them measures the data each one sees, not differences in the training loop.
@@ -22,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-MODEL_KINDS = ("lr", "mlp")
+MODEL_KINDS = ("lr", "mlp", "gbdt")
+# Trained by federated gradient boosting (protocols/gbdt.py), not by this module's torch code.
+TREE_KINDS = ("gbdt",)
 
 
 def parse_model_kinds(value: str) -> str:
@@ -38,8 +43,8 @@ def parse_model_kinds(value: str) -> str:
 
 def build_model(kind: str, n_features: int, seed: int = 0) -> nn.Module:
     """A freshly initialised model; the same seed gives the same weights on every party."""
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}: expected one of {', '.join(MODEL_KINDS)}")
+    if kind not in MODEL_KINDS or kind in TREE_KINDS:
+        raise ValueError(f"{kind!r} is not a neural model kind: expected lr or mlp")
     if n_features < 1:
         raise ValueError("a model needs at least one feature")
     generator_state = torch.random.get_rng_state()

@@ -19,7 +19,7 @@ import flwr
 import numpy as np
 import torch
 
-from protocols.model import build_model, state_fingerprint
+from protocols.model import TREE_KINDS, build_model, state_fingerprint
 from server.training import TrainedModel
 
 
@@ -60,7 +60,15 @@ def model_name(trained: TrainedModel) -> str:
 def save_model(
     out_dir: Path, trained: TrainedModel, platforms: list[dict[str, Any]], metrics: dict[str, Any]
 ) -> dict[str, str]:
-    """``model-<kind>-<features>.pt`` (a torch state dict) and its ``.json`` metadata."""
+    """``model-<kind>-<features>.pt`` (a torch state dict) and its ``.json`` metadata.
+
+    Boosted trees (kind ``gbdt``) are saved as JSON beside the same metadata
+    (``server.boosting.save_boosted``).
+    """
+    if trained.kind in TREE_KINDS:
+        from server.boosting import save_boosted
+
+        return save_boosted(out_dir, trained, platforms, metrics)  # type: ignore[arg-type]
     model = build_model(trained.kind, len(trained.features))
     model.load_state_dict(trained.arrays.to_torch_state_dict())
     name = model_name(trained)

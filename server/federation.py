@@ -31,9 +31,11 @@ from protocols import messages as m
 from protocols.delivery import ROW_BYTES
 from protocols.features import CROSS_PLATFORM_FEATURES
 from protocols.metrics import ScoreHistogram
+from protocols.model import TREE_KINDS
 from protocols.packing import debt_profile_layout
 from server import progress
 from server.artifacts import save_model, write_json
+from server.boosting import BoostedModel, train_boosted
 from server.debt_query import QueryAnswer, QueryFailed, run_debt_query
 from server.keyholder_client import KeyHolderAPI, connect_keyholder
 from server.matching import MatchResult, PlatformsFailed, exchange, run_matching
@@ -176,14 +178,15 @@ def private_query(
 
 
 def _model_summary(
-    trained: TrainedModel, names: dict[int, str], files: dict[str, str]
+    trained: TrainedModel | BoostedModel, names: dict[int, str], files: dict[str, str]
 ) -> dict[str, Any]:
     return {
         **trained.histogram.summary(),
         "calibration": trained.calibration(),
         "per_platform": {names[n]: h.summary() for n, h in trained.per_node.items()},
         "history": trained.history,
-        **trained.convergence(),
+        # Why training stopped (server/convergence.py); boosting reports its own history.
+        **(trained.convergence() if isinstance(trained, TrainedModel) else {}),
         "files": files,
     }
 
@@ -221,7 +224,10 @@ def run_federation(
 
         def train(kind: str, feature_set: str, names_: list[str]) -> None:
             t = time.perf_counter()
-            trained = train_federated(grid, nodes, kind, feature_set, names_, settings, names)
+            if kind in TREE_KINDS:
+                trained = train_boosted(grid, nodes, kind, feature_set, names_, settings)
+            else:
+                trained = train_federated(grid, nodes, kind, feature_set, names_, settings, names)
             entry = _model_summary(trained, names, {})
             entry["secure_aggregation"] = trained.secure_aggregation
             if trained.dropped:

@@ -27,7 +27,9 @@ class FederationSettings(BaseModel):
 
     out_dir: str = Field(default="fedcredit-run", alias="out-dir", min_length=1)
     stages: str = Field(default="train,query,cross")
-    model: str = Field(default="mlp", description="lr, mlp or a comma list; the first is primary")
+    model: str = Field(
+        default="mlp", description="lr, mlp, gbdt or a comma list; the first is primary"
+    )
     num_rounds: int = Field(default=20, alias="num-rounds", ge=1, le=1000)
     local_epochs: int = Field(default=1, alias="local-epochs", ge=1, le=100)
     learning_rate: float = Field(default=0.05, alias="learning-rate", gt=0, le=1)
@@ -57,6 +59,11 @@ class FederationSettings(BaseModel):
     seed: int = Field(default=0, ge=0)
     # Mask every training sum (protocols/secure_sum.py); false keeps the plain replies.
     secure_aggregation: bool = Field(default=True, alias="secure-aggregation")
+    # Federated gradient boosting (model kind gbdt; protocols/gbdt.py).
+    gbdt_trees: int = Field(default=100, alias="gbdt-trees", ge=1, le=2000)
+    gbdt_depth: int = Field(default=5, alias="gbdt-depth", ge=1, le=8)
+    gbdt_learning_rate: float = Field(default=0.1, alias="gbdt-learning-rate", gt=0, le=1)
+    gbdt_bins: int = Field(default=64, alias="gbdt-bins", ge=2, le=255)
 
     @field_validator("stages")
     @classmethod

@@ -21,9 +21,11 @@ from clients.features import select_columns, with_cross_platform
 from clients.platform_data import PlatformData
 from protocols import robust_features
 from protocols.features import CROSS_PLATFORM_FEATURES
+from protocols.gbdt import BoostParams, pooled_fit, pooled_scores
 from protocols.local_work import auto_local_steps, local_epochs
 from protocols.metrics import ScoreHistogram, exact_auc_ks
 from protocols.model import (
+    TREE_KINDS,
     TrainConfig,
     build_model,
     log_loss,
@@ -72,15 +74,29 @@ class Fit:
 
 def fit_and_score(
     kind: str,
-    train: Rows,
-    validation: Rows,
-    test: Rows,
-    names: list[str],
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
     passes: int,
     cfg: TrainConfig,
+    boost: BoostParams | None = None,
+    *,
+    validation: Rows | None = None,
+    names: list[str] | None = None,
     training: PooledTraining = PooledTraining(),
 ) -> Fit:
-    X_train, y_train = train
+    """Train on ``X_train`` and score ``X_test``; ``validation`` rows (when given) stop
+    training by the federation's rule, ``names`` tell the robust transform which columns are
+    missing-value flags."""
+    if kind in TREE_KINDS:
+        if validation is not None:  # boosting has no early stopping: it trains on both
+            X_train = np.concatenate([X_train, validation[0]])
+            y_train = np.concatenate([y_train, validation[1]])
+        return _boosted_fit(X_train, y_train, X_test, y_test, boost)
+    names = names or [f"f{j}" for j in range(X_train.shape[1])]
+    if validation is None:
+        validation = (X_train[:0], y_train[:0])
     scaler = combine([FeatureSums.of(X_train)])
     robust = (
         robust_features.fit_pooled(X_train, scaler.mean, scaler.std, names)
@@ -124,7 +140,6 @@ def fit_and_score(
     if stop_early and stopper.best_arrays is not None:
         model.load_state_dict(stopper.best_arrays)
         best_pass = stopper.best_round
-    X_test, y_test = test
     scores = predict_proba(model, prepare(X_test))
     return Fit(
         exact_auc_ks(y_test, scores),
@@ -134,6 +149,19 @@ def fit_and_score(
         passes_run,
         best_pass,
     )
+
+
+def _boosted_fit(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    boost: BoostParams | None,
+) -> Fit:
+    """scikit-learn's HistGradientBoosting on the bins the federation would agree on."""
+    model, edges, _ = pooled_fit(X_train, y_train, boost or BoostParams())
+    scores = pooled_scores(model, X_test, edges)
+    return Fit(exact_auc_ks(y_test, scores), ScoreHistogram.of(scores, y_test), scores, y_test)
 
 
 def pooled_totals(platforms: list[PlatformData]) -> dict[str, np.ndarray]:
@@ -168,6 +196,7 @@ def centralized(
     test_share: float,
     passes: int,
     cfg: TrainConfig,
+    boost: BoostParams | None = None,
     training: PooledTraining = PooledTraining(),
 ) -> Fit:
     """One model on every platform's rows pooled; ``cross`` adds totals joined by token."""
@@ -181,11 +210,23 @@ def centralized(
         parts.append(
             _split(data, select_columns(feats, names), test_share, training.validation_share)
         )
-    pooled = [
+    (X_tr, y_tr), validation, (X_te, y_te) = [
         (np.concatenate([p[s][0] for p in parts]), np.concatenate([p[s][1] for p in parts]))
         for s in range(3)
     ]
-    return fit_and_score(kind, *pooled, names, passes, cfg, training)
+    return fit_and_score(
+        kind,
+        X_tr,
+        y_tr,
+        X_te,
+        y_te,
+        passes,
+        cfg,
+        boost,
+        validation=validation,
+        names=names,
+        training=training,
+    )
 
 
 def local_only(
@@ -194,8 +235,25 @@ def local_only(
     test_share: float,
     passes: int,
     cfg: TrainConfig,
+    boost: BoostParams | None = None,
+    features: list[str] | None = None,
     training: PooledTraining = PooledTraining(),
 ) -> Fit:
-    """The platform alone: every feature its own ledger has, nobody else's borrowers."""
-    splits = _split(data, data.features.X, test_share, training.validation_share)
-    return fit_and_score(kind, *splits, data.features.names, passes, cfg, training)
+    """The platform alone: its own borrowers, and every feature its own ledger has unless
+    ``features`` names the columns (the federated model's, for a like-for-like check)."""
+    names = features if features is not None else data.features.names
+    X = select_columns(data.features, names)
+    (X_tr, y_tr), validation, (X_te, y_te) = _split(data, X, test_share, training.validation_share)
+    return fit_and_score(
+        kind,
+        X_tr,
+        y_tr,
+        X_te,
+        y_te,
+        passes,
+        cfg,
+        boost,
+        validation=validation,
+        names=list(names),
+        training=training,
+    )

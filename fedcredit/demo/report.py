@@ -39,7 +39,7 @@ MODELS = (  # report key, what the model sees
     (FCP, "own features + totals from the encrypted debt query"),
     (FED, "each platform's own features; no record leaves a platform"),
 )
-FAMILIES = {"lr": "logistic regression", "mlp": "MLP"}
+FAMILIES = {"lr": "logistic regression", "mlp": "MLP", "gbdt": "gradient-boosted trees"}
 HOW_TO_READ = """\
 - **AUC**: the chance a defaulter scores above a non-defaulter (0.5 is random).
   **Gini** = 2 AUC - 1, the figure most scorecard teams quote.

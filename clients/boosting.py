@@ -1,0 +1,210 @@
+"""A platform's side of federated gradient boosting: it sends sums, never rows or scores.
+
+Three messages (``protocols.gbdt``): ``query.gbdt_sketch`` (row counts over the common grid,
+for the bin edges, and the label count, for the starting score), ``query.gbdt_level``
+(summed gradient, hessian and row count per node, feature and bin) and
+``query.gbdt_evaluate`` (score histograms of the finished model, like ``evaluate``).
+
+The running scores of the platform's training and held-out rows live in Flower's node state
+(``BOOST_STATE``), so a node that runs each message in a fresh process keeps them; each level
+message must follow on from that state (same session, the next tree), or it is refused.
+Every per-platform sum leaves through ``protect``: the one place where the secure-summation
+masks are added (identity until the secure summation of training sums is plugged in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from clients.platform_data import PlatformData
+from protocols import gbdt
+from protocols import messages as m
+from protocols.metrics import ScoreHistogram
+
+BOOST_STATE = "fedcredit.gbdt"
+SUMS_KEY = "sums"
+
+
+def protect(arrays: dict[str, np.ndarray], _ctx: Context, _what: str) -> dict[str, np.ndarray]:
+    """Hook for pairwise-masked secure summation of the named sums (identity for now)."""
+    return arrays
+
+
+def _reply(arrays: dict[str, np.ndarray], ctx: Context, what: str) -> RecordDict:
+    return RecordDict({SUMS_KEY: gbdt.arrays_to_record(protect(arrays, ctx, what))})
+
+
+def _rows(
+    req: gbdt._BoostSpec, ctx: Context, data: PlatformData, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    from clients.app import _delivered_totals
+
+    return data.rows(req.feature_set, req.features, split, req.test_share, _delivered_totals(ctx))
+
+
+def sketch(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    req = gbdt.SketchRequest.from_content(msg.content, "query.gbdt_sketch")
+    X, y = _rows(req, ctx, data, "train")
+    counts = gbdt.sketch_counts(X, np.asarray(req.centre), np.asarray(req.scale))
+    sums = {"counts": counts, "labels": np.array([float(len(y)), float(y.sum())])}
+    return _reply(sums, ctx, "query.gbdt_sketch")
+
+
+def _state(ctx: Context) -> ConfigRecord | None:
+    return ctx.state.config_records.get(BOOST_STATE)
+
+
+def _edges_to_state(edges: list[list[float]]) -> dict[str, bytes | int]:
+    flat = np.array([v for e in edges for v in e], dtype="<f8")
+    return {
+        "edges": flat.tobytes(),
+        "edge-counts": np.array([len(e) for e in edges], "<i8").tobytes(),
+        "bins": gbdt.bins_needed(edges),
+    }
+
+
+def _edges_from_state(state: ConfigRecord) -> list[list[float]]:
+    flat = np.frombuffer(state["edges"], dtype="<f8")  # type: ignore[arg-type]
+    counts = np.frombuffer(state["edge-counts"], dtype="<i8")  # type: ignore[arg-type]
+    return [part.tolist() for part in np.split(flat, np.cumsum(counts)[:-1])]
+
+
+def _save_state(
+    ctx: Context,
+    session: str,
+    trees: int,
+    train: np.ndarray,
+    test: np.ndarray,
+    edges: dict[str, bytes | int],
+) -> None:
+    ctx.state.config_records[BOOST_STATE] = ConfigRecord(
+        {
+            "session": session,
+            "trees": trees,
+            "train": train.astype("<f8").tobytes(),
+            "test": test.astype("<f8").tobytes(),
+            **edges,
+        }
+    )
+
+
+_binned: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+# (location, session) -> (tree, level, heap node of every training row after ``level`` levels)
+_routes: dict[tuple[str, str], tuple[int, int, np.ndarray]] = {}
+
+
+def _binned_rows(
+    req: gbdt._Model,
+    ctx: Context,
+    data: PlatformData,
+    split: str,
+    edges: Callable[[], list[list[float]]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(bins, labels) of the train or test rows for this session's edges.
+
+    Cached in process memory for the session (a tree costs a few messages); a node that runs
+    the next message in another process just reads the edges from its state and bins again.
+    """
+    key = (data.location, req.session_id, split)
+    if key not in _binned:
+        if len(_binned) >= 8:
+            _binned.clear()
+        X, y = _rows(req, ctx, data, split)
+        _binned[key] = (gbdt.bin_rows(X, edges()), y)
+    return _binned[key]
+
+
+def _route(req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray) -> np.ndarray:
+    """Heap node of every training row at this level: one level on from the last message
+    when this process answered it, else routed from the root."""
+    key = (data.location, req.session_id)
+    cached = _routes.get(key)
+    if cached is not None and cached[:2] == (req.tree, req.level - 1) and req.level > 0:
+        node = gbdt.advance(req.current, binned, cached[2])
+    else:
+        node = gbdt.route(req.current, binned, req.level)
+    if len(_routes) >= 8:
+        _routes.clear()
+    _routes[key] = (req.tree, req.level, node)
+    return node
+
+
+def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    what = "query.gbdt_level"
+    req = gbdt.LevelRequest.from_content(msg.content, what)
+    state = _state(ctx)
+    if req.level == 0 and req.tree == 0:
+        first = req.edges
+        assert first is not None  # validated: the first message carries them
+        edges, edge_blob = (lambda: first), _edges_to_state(first)
+        for split in ("train", "test"):
+            _binned.pop((data.location, req.session_id, split), None)
+    else:
+        if state is None or state["session"] != req.session_id:
+            raise m.ProtocolError(f"{what}: no boosting session {req.session_id} on this platform")
+        edge_blob = {k: state[k] for k in ("edges", "edge-counts", "bins")}  # type: ignore[misc]
+        counts = np.frombuffer(state["edge-counts"], dtype="<i8")  # type: ignore[arg-type]
+        if len(counts) != len(req.features) or state["bins"] != req.bins:
+            raise m.ProtocolError(f"{what}: features or bins differ from the session's")
+        saved = state
+        edges = lambda: _edges_from_state(saved)  # noqa: E731 (read only on a cache miss)
+    binned, y = _binned_rows(req, ctx, data, "train", edges)
+    binned_test, y_test = _binned_rows(req, ctx, data, "test", edges)
+    if req.level == 0 and req.tree == 0:
+        train = np.full(len(y), req.base_margin)
+        test = np.full(len(y_test), req.base_margin)
+        trees = 0
+    else:
+        assert state is not None
+        trees = int(state["trees"])  # type: ignore[arg-type]
+        expected = req.tree - 1 if req.level == 0 else req.tree
+        if trees != expected:
+            raise m.ProtocolError(
+                f"{what}: tree {req.tree} level {req.level} does not follow on from the "
+                f"{trees} tree(s) this platform holds"
+            )
+        train = np.frombuffer(state["train"], dtype="<f8").copy()  # type: ignore[arg-type]
+        test = np.frombuffer(state["test"], dtype="<f8").copy()  # type: ignore[arg-type]
+        if len(train) != len(y) or len(test) != len(y_test):
+            raise m.ProtocolError(f"{what}: this platform's rows changed during the session")
+        if req.previous is not None:
+            train += gbdt.tree_output(req.previous, binned)
+            test += gbdt.tree_output(req.previous, binned_test)
+            trees += 1
+    if req.level == 0:  # a new tree: the scores moved on (or started)
+        _save_state(ctx, req.session_id, trees, train, test, edge_blob)
+    p = gbdt.sigmoid(train)
+    node = _route(req, data, binned)
+    sums = gbdt.node_histograms(binned, p - y, p * (1 - p), node, req.nodes, req.bins)
+    if req.level == 0:
+        # The model so far on the held-out rows, as sums: the bureau's per-tree history.
+        hist = ScoreHistogram.of(gbdt.sigmoid(test), y_test)
+        sums.update(
+            {
+                "hist-pos": hist.positives.astype(np.float64),
+                "hist-neg": hist.negatives.astype(np.float64),
+                "test-loss": np.array([gbdt.logistic_loss_sum(test, y_test), float(len(y_test))]),
+            }
+        )
+    return _reply(sums, ctx, what)
+
+
+def evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    """The finished model's held-out and training-row score histograms (as ``evaluate``)."""
+    req = gbdt.EvaluateRequest.from_content(msg.content, "query.gbdt_evaluate")
+    out: dict[str, object] = {}
+    for split, prefix in (("test", "hist"), ("train", "train-hist")):
+        X, y = _rows(req, ctx, data, split)
+        margin = gbdt.model_margin(
+            gbdt.bin_rows(X, req.edges or []), req.base_margin, req.trees, req.depth
+        )
+        hist = ScoreHistogram.of(gbdt.sigmoid(margin), y)
+        out[f"{prefix}-pos"] = hist.positives.tolist()
+        out[f"{prefix}-neg"] = hist.negatives.tolist()
+        if split == "test":
+            out["num-examples"] = len(y)
+            out["loss"] = gbdt.logistic_loss_sum(margin, y) / len(y) if len(y) else 0.0
+    return RecordDict({"metrics": MetricRecord(out)})  # type: ignore[arg-type]

@@ -1,0 +1,553 @@
+"""Federated histogram gradient boosting: what the bureau and the platforms share.
+
+The horizontal SecureBoost family (FATE's homo-SecureBoost, XGBoost's histogram method):
+every platform holds whole rows of its own borrowers, and a tree is grown from sums only.
+
+1. **Bin edges, agreed federatedly.** Each platform counts its training rows per feature over
+   one fine common grid (``SKETCH_CELLS`` cells, linear near the grid's centre and
+   logarithmic beyond, so heavy tails keep resolution where the mass is); the bureau adds the
+   counts. A first grid is centred on the federated mean; a second on the median read off
+   the first sum, scaled by its quartiles; the bureau reads at most ``bins - 1`` quantile
+   edges per feature off the second sum. Counts are sums, so they can be protected like
+   every other sum; no row, minimum or maximum leaves a platform.
+2. **One message per tree level.** Each platform sends, per requested node, feature and bin,
+   the summed gradient, hessian and row count of its rows (logistic loss). The bureau adds
+   them, finds each node's best split, and asks next for the smaller child of every split
+   only (the sibling is the parent minus it: half the traffic). The last level's leaf values
+   come from the split sums, so a tree of depth ``D`` costs ``D`` round trips; the finished
+   tree travels with the next tree's first message.
+3. Every platform keeps its running scores in Flower's node state; a message that does not
+   follow on from that state (wrong session, a tree skipped) is refused.
+
+The tree layout is a complete binary heap of depth ``depth``: node ``i`` has children
+``2i + 1`` (bin <= threshold) and ``2i + 2``; ``feature == -1`` marks a leaf.
+
+Everything here is numpy; the pooled yardstick (scikit-learn's HistGradientBoosting on the
+same bins) is ``pooled_fit`` and imports scikit-learn only when called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Self
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from pydantic import Field, model_validator
+
+from protocols.messages import MAX_FEATURES, FeatureName, Payload, ProtocolError
+
+SKETCH_CELLS = 2048
+# The grid is linear within 1/SKETCH_GAIN of a scale unit around its centre and logarithmic
+# beyond (about 2 % relative steps), out to a hundred million scale units: heavy tails keep
+# resolution wherever the mass is.
+SKETCH_GAIN = 100.0
+SKETCH_RANGE = math.asinh(SKETCH_GAIN * 1e6)
+MAX_BINS = 255
+MAX_DEPTH = 8
+L2 = 1.0  # ridge on leaf values (XGBoost's lambda)
+MIN_CHILD_ROWS = 20  # scikit-learn's min_samples_leaf default
+MIN_CHILD_HESSIAN = 1e-3
+SESSION = r"^[0-9a-f]{32}$"
+
+
+# -- bin edges --------------------------------------------------------------------------------
+
+
+def _cell_width() -> float:
+    return 2 * SKETCH_RANGE / SKETCH_CELLS
+
+
+def sketch_counts(X: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Row counts per (feature, grid cell): the platform's contribution to the bin edges."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != len(centre):
+        raise ValueError("rows do not match the feature list")
+    u = np.arcsinh(SKETCH_GAIN * (np.nan_to_num(X) - centre) / scale)
+    cells = np.clip(np.floor((u + SKETCH_RANGE) / _cell_width()), 0, SKETCH_CELLS - 1)
+    flat = cells.astype(np.int64) + np.arange(X.shape[1]) * SKETCH_CELLS
+    counts = np.bincount(flat.ravel(), minlength=X.shape[1] * SKETCH_CELLS)
+    return counts.reshape(X.shape[1], SKETCH_CELLS).astype(np.float64)
+
+
+def _cell_upper(cells: np.ndarray, centre: float, scale: float) -> np.ndarray:
+    """The value at the upper boundary of each grid cell."""
+    u = -SKETCH_RANGE + (np.asarray(cells) + 1) * _cell_width()
+    return centre + scale * np.sinh(u) / SKETCH_GAIN
+
+
+def _quantile_cells(row: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    cum = np.cumsum(row)
+    return np.searchsorted(cum, cum[-1] * shares, side="left")
+
+
+def recentre(
+    counts: np.ndarray, centre: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Median and robust scale (IQR / 1.349) per feature, read off a first sketch.
+
+    The second sketch is centred there, so a skewed feature whose mean sits far out in its
+    tail (money) gets its finest cells where its borrowers are. A feature whose quartiles
+    coincide (a rare flag) keeps its first scale.
+    """
+    new_centre, new_scale = centre.astype(np.float64).copy(), scale.astype(np.float64).copy()
+    for f in range(counts.shape[0]):
+        row = np.clip(counts[f], 0, None)
+        if row.sum() <= 0:
+            continue
+        q25, q50, q75 = _cell_upper(
+            _quantile_cells(row, np.array([0.25, 0.5, 0.75])), centre[f], scale[f]
+        )
+        new_centre[f] = q50
+        if q75 - q25 > 0 and math.isfinite(q75 - q25):
+            new_scale[f] = (q75 - q25) / 1.349
+    return new_centre, new_scale
+
+
+def edges_from_counts(
+    counts: np.ndarray, centre: np.ndarray, scale: np.ndarray, max_bins: int
+) -> list[list[float]]:
+    """At most ``max_bins - 1`` increasing edges per feature from the summed cell counts.
+
+    A feature with few distinct cells (a flag, a small count) gets an edge between every
+    pair of occupied cells, as scikit-learn does for features with few distinct values;
+    otherwise edges sit at the upper boundary of the cell where each quantile falls.
+    """
+    out: list[list[float]] = []
+    for f in range(counts.shape[0]):
+        row = np.clip(counts[f], 0, None)
+        occupied = np.flatnonzero(row > 0.5)
+        if len(occupied) <= 1:
+            out.append([])
+            continue
+        if len(occupied) <= max_bins:
+            cells = occupied[:-1]
+        else:
+            cells = np.unique(_quantile_cells(row, np.arange(1, max_bins) / max_bins))
+            cells = cells[cells < occupied[-1]]
+        values = _cell_upper(cells, centre[f], scale[f])
+        out.append(sorted({float(v) for v in values if math.isfinite(v)}))
+    return out
+
+
+def bin_rows(X: np.ndarray, edges: list[list[float]]) -> np.ndarray:
+    """Bin index per (row, feature): the number of the feature's edges at or below the value."""
+    X = np.nan_to_num(np.asarray(X, dtype=np.float64))
+    out = np.empty(X.shape, dtype=np.int32)
+    for f, e in enumerate(edges):
+        out[:, f] = np.searchsorted(np.asarray(e, dtype=np.float64), X[:, f], side="right")
+    return out
+
+
+def bins_needed(edges: list[list[float]]) -> int:
+    return max([len(e) + 1 for e in edges] + [2])
+
+
+# -- trees ------------------------------------------------------------------------------------
+
+
+def heap_size(depth: int) -> int:
+    return 2 ** (depth + 1) - 1
+
+
+class Tree(Payload):
+    """One tree in heap layout: per node its feature (-1: leaf), bin threshold, leaf value."""
+
+    feature: list[int] = Field(max_length=2 ** (MAX_DEPTH + 1) - 1)
+    threshold: list[int] = Field(max_length=2 ** (MAX_DEPTH + 1) - 1)
+    value: list[float] = Field(max_length=2 ** (MAX_DEPTH + 1) - 1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Self:
+        n = len(self.feature)
+        if not n == len(self.threshold) == len(self.value) or n not in {
+            heap_size(d) for d in range(MAX_DEPTH + 1)
+        }:
+            raise ValueError("feature, threshold and value must be one complete binary heap")
+        if not all(math.isfinite(v) for v in self.value):
+            raise ValueError("non-finite leaf value")
+        for i, f in enumerate(self.feature):
+            if f >= 0 and 2 * i + 2 >= n:
+                raise ValueError(f"node {i} splits but has no children in the heap")
+        return self
+
+    @classmethod
+    def empty(cls, depth: int) -> Tree:
+        n = heap_size(depth)
+        return cls(feature=[-1] * n, threshold=[0] * n, value=[0.0] * n)
+
+    def check_against(self, n_features: int, bins: int) -> None:
+        if any(f >= n_features or f < -1 for f in self.feature):
+            raise ProtocolError("a tree splits on a feature outside the feature list")
+        if any(not 0 <= t < bins for t in self.threshold):
+            raise ProtocolError("a tree threshold is outside the bins")
+
+
+def route(tree: Tree, binned: np.ndarray, levels: int | None = None) -> np.ndarray:
+    """Heap node of every row after ``levels`` levels of splits (all levels by default)."""
+    feature = np.asarray(tree.feature, dtype=np.int64)
+    threshold = np.asarray(tree.threshold, dtype=np.int64)
+    depth = int(math.log2(len(feature) + 1)) - 1
+    node = np.zeros(len(binned), dtype=np.int64)
+    rows = np.arange(len(binned))
+    for _ in range(depth if levels is None else levels):
+        f = feature[node]
+        internal = f >= 0
+        right = binned[rows, np.where(internal, f, 0)] > threshold[node]
+        node = np.where(internal, 2 * node + 1 + right, node)
+    return node
+
+
+def advance(tree: Tree, binned: np.ndarray, node: np.ndarray) -> np.ndarray:
+    """Rows at ``node`` one level further down ``tree`` (rows at a leaf stay)."""
+    feature = np.asarray(tree.feature, dtype=np.int64)
+    threshold = np.asarray(tree.threshold, dtype=np.int64)
+    f = feature[node]
+    internal = f >= 0
+    right = binned[np.arange(len(binned)), np.where(internal, f, 0)] > threshold[node]
+    return np.where(internal, 2 * node + 1 + right, node)
+
+
+def tree_output(tree: Tree, binned: np.ndarray) -> np.ndarray:
+    return np.asarray(tree.value, dtype=np.float64)[route(tree, binned)]
+
+
+def sigmoid(margin: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(margin, -35, 35)))
+
+
+def logistic_loss_sum(margin: np.ndarray, y: np.ndarray) -> float:
+    """Summed log-loss (a sum, so the bureau can add it across platforms)."""
+    return float(np.sum(np.logaddexp(0.0, margin) - y * margin))
+
+
+def node_histograms(
+    binned: np.ndarray,
+    grad: np.ndarray,
+    hess: np.ndarray,
+    node_of_row: np.ndarray,
+    nodes: list[int],
+    bins: int,
+) -> dict[str, np.ndarray]:
+    """Summed gradient, hessian and row count per (requested node, feature, bin)."""
+    slot_of = np.full(max(int(node_of_row.max(initial=0)), *nodes) + 1, -1, dtype=np.int64)
+    slot_of[nodes] = np.arange(len(nodes))
+    slot = slot_of[node_of_row]
+    keep = np.flatnonzero(slot >= 0)
+    base, rows = slot[keep] * bins, binned[keep]
+    g, h = grad[keep], hess[keep]
+    size, F = len(nodes) * bins, binned.shape[1]
+    if len(keep) * F < 50_000:
+        # Few rows: one pass over every (row, feature) beats a Python loop over features.
+        flat = ((slot[keep, None] * F + np.arange(F)) * bins + rows).ravel()
+        shape = (len(nodes), F, bins)
+        return {
+            "grad": np.bincount(flat, np.repeat(g, F), size * F).reshape(shape),
+            "hess": np.bincount(flat, np.repeat(h, F), size * F).reshape(shape),
+            "count": np.bincount(flat, minlength=size * F).reshape(shape).astype(np.float64),
+        }
+    out = {k: np.empty((len(nodes), F, bins)) for k in ("grad", "hess", "count")}
+    for f in range(F):  # one feature at a time: no (rows x features) temporaries
+        idx = base + rows[:, f]
+        out["grad"][:, f] = np.bincount(idx, weights=g, minlength=size).reshape(-1, bins)
+        out["hess"][:, f] = np.bincount(idx, weights=h, minlength=size).reshape(-1, bins)
+        out["count"][:, f] = np.bincount(idx, minlength=size).reshape(-1, bins)
+    return out
+
+
+@dataclass(frozen=True)
+class Split:
+    feature: int
+    threshold: int
+    gain: float
+    left: tuple[float, float, float]  # (gradient, hessian, rows)
+    right: tuple[float, float, float]
+
+
+def leaf_value(grad: float, hess: float, learning_rate: float) -> float:
+    return float(-learning_rate * grad / (hess + L2))
+
+
+def best_split(
+    grad: np.ndarray, hess: np.ndarray, count: np.ndarray, min_child_rows: int = MIN_CHILD_ROWS
+) -> Split | None:
+    """The split of one node with the largest loss reduction, from its (feature, bin) sums."""
+    G, H = float(grad[0].sum()), float(hess[0].sum())
+    gl, hl, cl = (np.cumsum(a, axis=1)[:, :-1] for a in (grad, hess, count))
+    gr, hr, cr = G - gl, H - hl, count[0].sum() - cl
+    ok = (cl >= min_child_rows) & (cr >= min_child_rows)
+    ok &= (hl >= MIN_CHILD_HESSIAN) & (hr >= MIN_CHILD_HESSIAN)
+    gain = gl**2 / (hl + L2) + gr**2 / (hr + L2) - G**2 / (H + L2)
+    gain = np.where(ok, gain, -np.inf)
+    if not np.isfinite(gain).any():
+        return None
+    f, b = np.unravel_index(int(np.argmax(gain)), gain.shape)
+    if gain[f, b] <= 1e-12:
+        return None
+    return Split(
+        int(f),
+        int(b),
+        float(gain[f, b]),
+        (float(gl[f, b]), float(hl[f, b]), float(cl[f, b])),
+        (float(gr[f, b]), float(hr[f, b]), float(cr[f, b])),
+    )
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+class _BoostSpec(Payload):
+    feature_set: str = Field(pattern=r"^(local|cross)$")
+    features: list[FeatureName] = Field(min_length=1, max_length=MAX_FEATURES)
+    test_share: float = Field(gt=0.0, lt=1.0)
+
+
+class SketchRequest(_BoostSpec):
+    """``query.gbdt_sketch``: count training rows over the common grid (and the labels).
+
+    Sent twice: centred on the federated mean and scaled by the standard deviation, then
+    centred on the median and scaled by the quartiles read off the first sum.
+    """
+
+    centre: list[float]
+    scale: list[float]
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if not len(self.features) == len(self.centre) == len(self.scale):
+            raise ValueError("features, centre and scale differ in length")
+        if not all(math.isfinite(v) for v in self.centre) or not all(
+            math.isfinite(s) and s > 0 for s in self.scale
+        ):
+            raise ValueError("grid centre and scale must be finite, scales positive")
+        return self
+
+
+class _Model(_BoostSpec):
+    session_id: str = Field(pattern=SESSION)
+    # Sent once per session (and with the whole model): the platform keeps them in its state.
+    edges: list[list[float]] | None = Field(default=None, max_length=MAX_FEATURES)
+    bins: int = Field(ge=2, le=MAX_BINS)
+    base_margin: float = Field(ge=-30.0, le=30.0)
+    depth: int = Field(ge=1, le=MAX_DEPTH)
+
+    @model_validator(mode="after")
+    def _edges(self) -> Self:
+        if self.edges is None:
+            return self
+        if len(self.edges) != len(self.features):
+            raise ValueError("one edge list per feature is required")
+        if bins_needed(self.edges) != self.bins:
+            raise ValueError("bins does not match the edges")
+        if max((len(e) for e in self.edges), default=0) > MAX_BINS - 1:
+            raise ValueError(f"more than {MAX_BINS} bins for a feature")
+        flat = np.array([v for e in self.edges for v in e], dtype=np.float64)
+        ends = np.cumsum([len(e) for e in self.edges])[:-1]  # first edge of each next list
+        rising = np.diff(flat) > 0
+        rising[ends[(ends > 0) & (ends < len(flat))] - 1] = True  # across lists: not compared
+        if not np.isfinite(flat).all() or not rising.all():
+            raise ValueError("bin edges must be finite and strictly increasing")
+        return self
+
+    def _check_tree(self, tree: Tree, what: str) -> None:
+        if len(tree.feature) != heap_size(self.depth):
+            raise ValueError(f"{what} is not a tree of depth {self.depth}")
+        try:
+            tree.check_against(len(self.features), self.bins)
+        except ProtocolError as exc:
+            raise ValueError(f"{what}: {exc}") from exc
+
+
+class LevelRequest(_Model):
+    """``query.gbdt_level``: histograms of the listed nodes at one level of tree ``tree``.
+
+    ``current`` holds the splits chosen so far in this tree; ``previous`` the finished tree
+    before it (sent with level 0 of every tree but the first), which the platform adds to its
+    running scores first.
+    """
+
+    tree: int = Field(ge=0, le=100_000)
+    level: int = Field(ge=0, lt=MAX_DEPTH)
+    nodes: list[int] = Field(min_length=1, max_length=2 ** (MAX_DEPTH - 1))
+    current: Tree
+    previous: Tree | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.level >= self.depth:
+            raise ValueError("level beyond the tree depth")
+        first, last = 2**self.level - 1, 2 ** (self.level + 1) - 2
+        if any(not first <= n <= last for n in self.nodes) or len(set(self.nodes)) != len(
+            self.nodes
+        ):
+            raise ValueError(f"nodes must be distinct nodes of level {self.level}")
+        self._check_tree(self.current, "current")
+        if (self.previous is None) != (self.level != 0 or self.tree == 0):
+            raise ValueError("the previous tree travels with level 0 of every tree but the first")
+        if (self.edges is None) == (self.tree == 0 and self.level == 0):
+            raise ValueError("the bin edges travel with the first message of a session only")
+        if self.previous is not None:
+            self._check_tree(self.previous, "previous")
+        return self
+
+
+class EvaluateRequest(_Model):
+    """``query.gbdt_evaluate``: score held-out and training rows with the whole model."""
+
+    trees: list[Tree] = Field(max_length=100_000)
+
+    @model_validator(mode="after")
+    def _trees(self) -> Self:
+        if self.edges is None:
+            raise ValueError("the model's bin edges are missing")
+        for i, tree in enumerate(self.trees):
+            self._check_tree(tree, f"tree {i}")
+        return self
+
+
+def model_margin(
+    binned: np.ndarray, base_margin: float, trees: list[Tree], depth: int
+) -> np.ndarray:
+    margin = np.full(len(binned), base_margin, dtype=np.float64)
+    for tree in trees:
+        margin += tree_output(tree, binned)
+    return margin
+
+
+# -- named arrays (the shape every per-platform sum takes) ----------------------------------
+
+WIRE_STYPE = "fedcredit.f8le"  # raw little-endian float64: no pickle, no header to parse
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Named float arrays as a Flower ArrayRecord of raw little-endian float64 bytes."""
+    return ArrayRecord(
+        {
+            name: Array(
+                dtype="<f8",
+                shape=tuple(int(d) for d in np.shape(value)),
+                stype=WIRE_STYPE,
+                data=np.ascontiguousarray(value, dtype="<f8").tobytes(),
+            )
+            for name, value in arrays.items()
+        }
+    )
+
+
+def arrays_from_record(record: ArrayRecord, what: str) -> dict[str, np.ndarray]:
+    """The inverse of ``arrays_to_record``; anything else is refused (ProtocolError)."""
+    out = {}
+    for name, array in record.items():
+        if array.stype != WIRE_STYPE or array.dtype != "<f8":
+            raise ProtocolError(f"{what}: {name} is not raw float64 ({array.stype}, {array.dtype})")
+        shape = tuple(array.shape)
+        if any(not isinstance(d, int) or d < 0 for d in shape):
+            raise ProtocolError(f"{what}: {name} has a malformed shape")
+        if len(array.data) != 8 * math.prod(shape):
+            raise ProtocolError(f"{what}: {name} holds {len(array.data)} bytes for shape {shape}")
+        out[name] = np.frombuffer(array.data, dtype="<f8").reshape(shape)
+    return out
+
+
+def check_named_arrays(
+    arrays: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    non_negative: tuple[str, ...] = (),
+    what: str = "reply",
+) -> dict[str, np.ndarray]:
+    """Exactly the expected names and shapes, finite float values; else ProtocolError."""
+    if set(arrays) != set(expected):
+        raise ProtocolError(
+            f"{what}: arrays {sorted(arrays)} where {sorted(expected)} were expected"
+        )
+    out = {}
+    for name, shape in expected.items():
+        value = np.asarray(arrays[name])
+        if value.shape != shape or value.dtype.kind not in "fiu":
+            raise ProtocolError(f"{what}: {name} has shape {value.shape}, expected {shape}")
+        value = value.astype(np.float64)
+        if not np.isfinite(value).all():
+            raise ProtocolError(f"{what}: {name} holds non-finite values")
+        if name in non_negative and (value < 0).any():
+            raise ProtocolError(f"{what}: {name} holds negative sums")
+        out[name] = value
+    return out
+
+
+# -- the pooled yardstick ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoostParams:
+    trees: int = 100
+    depth: int = 5
+    learning_rate: float = 0.1
+    bins: int = 64
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "trees": self.trees,
+            "depth": self.depth,
+            "learning_rate": self.learning_rate,
+            "bins": self.bins,
+            "l2": L2,
+            "min_child_rows": MIN_CHILD_ROWS,
+        }
+
+
+def pooled_edges(X: np.ndarray, bins: int) -> list[list[float]]:
+    """The edges the federation would agree on, computed from pooled rows (same sums)."""
+    mean = X.mean(axis=0)
+    std = X.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    centre, scale = recentre(sketch_counts(X, mean, std), mean, std)
+    return edges_from_counts(sketch_counts(X, centre, scale), centre, scale, bins)
+
+
+def pooled_fit(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    params: BoostParams,
+    edges: list[list[float]] | None = None,
+) -> tuple[Any, list[list[float]], float]:
+    """scikit-learn's HistGradientBoostingClassifier on the same bins and tree shape.
+
+    The rows are binned with the federation's edges first, so scikit-learn sees each bin as
+    one distinct value (fewer than its 255 bins) and splits on exactly the same thresholds.
+    Same depth, learning rate, number of trees, L2 and minimum leaf size; no early stopping.
+    Returns the model, the edges and the seconds per boosting round.
+    """
+    import time
+
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from threadpoolctl import threadpool_limits
+
+    edges = edges if edges is not None else pooled_edges(X_train, params.bins)
+    model = HistGradientBoostingClassifier(
+        learning_rate=params.learning_rate,
+        max_iter=params.trees,
+        max_depth=params.depth,
+        max_leaf_nodes=2**params.depth,
+        min_samples_leaf=MIN_CHILD_ROWS,
+        l2_regularization=L2,
+        max_bins=MAX_BINS,
+        early_stopping=False,
+        random_state=0,
+    )
+    binned = bin_rows(X_train, edges)
+    # One thread, like each platform's numpy work: on a shared machine OpenMP threads that
+    # wait for busy cores made a round 10-50x slower and its time meaningless.
+    with threadpool_limits(limits=1):
+        t = time.perf_counter()
+        model.fit(binned, y_train)
+        seconds = (time.perf_counter() - t) / max(model.n_iter_, 1)
+    return model, edges, seconds
+
+
+def pooled_scores(model: Any, X: np.ndarray, edges: list[list[float]]) -> np.ndarray:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return model.predict_proba(bin_rows(X, edges))[:, 1]
