@@ -162,7 +162,7 @@ def run(
                     settings.test_share,
                     rounds,
                     TrainConfig(seed=settings.seed),
-                    baselines.PooledTraining.of(settings),
+                    training=baselines.PooledTraining.of(settings),
                 )
                 fed, central = entry["auc"], pooled.metrics["auc"]
                 logged = entry["log_transformed"] or logged
