@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
-from clients import boosting, matching
+from clients import boosting, lender_handlers, matching
 from clients.node_identity import NodeFiles, NodeIdentity, node_identity, register_files
 from clients.platform_data import PlatformData, load_platform_data
 from clients.query_log import QueryLog, query_log_for
@@ -505,6 +505,7 @@ def build_client_app(
     app.query("gbdt_sketch")(serve(boosting.sketch))
     app.query("gbdt_level")(serve(boosting.level))
     app.query("gbdt_evaluate")(serve(boosting.evaluate))
+    lender_handlers.register(app, serve, lambda c: _ledger_location(c, ledgers))
     return app
 
 

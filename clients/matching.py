@@ -46,6 +46,9 @@ class Session:
     perm: np.ndarray  # perm[k] = ledger row of the k-th element this platform sent
     reblinded: list[str]
     fully: bytes  # own list, blinded by every participant, in sent order ("" until done)
+    # A serving session (docs/lender-query.md) keeps its secret until this Unix time, to
+    # re-blind lenders' applicants; 0 for an ordinary matching session.
+    serving_until: int = 0
 
     def record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -55,6 +58,7 @@ class Session:
                 "perm": self.perm.astype("<i4").tobytes(),
                 "reblinded": json.dumps(self.reblinded),
                 "fully": self.fully,
+                "serving-until": self.serving_until,
             }
         )
 
@@ -67,6 +71,7 @@ class Session:
             perm=np.frombuffer(bytes(record["perm"]), dtype="<i4").astype(np.int64),  # type: ignore[arg-type]
             reblinded=list(json.loads(str(record["reblinded"]))),
             fully=bytes(record["fully"]),  # type: ignore[arg-type]
+            serving_until=int(record.get("serving-until", 0)),  # type: ignore[arg-type]
         )
 
 
@@ -90,7 +95,11 @@ def save_session(context: Context, session: Session) -> None:
 
 
 def start_session(
-    context: Context, session_id: str, participants: tuple[str, ...], tokens: list[str]
+    context: Context,
+    session_id: str,
+    participants: tuple[str, ...],
+    tokens: list[str],
+    serving_until: int = 0,
 ) -> tuple[Session, bytes]:
     """A fresh secret and permutation; returns the session and this platform's blinded list."""
     if context.state.config_records.get(_key(session_id)) is not None:
@@ -101,7 +110,7 @@ def start_session(
     perm = np.asarray(order, dtype=np.int64)
     hashed = blinding.hash_many([bytes.fromhex(tokens[i]) for i in perm])
     own = blinding.blind(secret, hashed, validate=False)
-    session = Session(session_id, participants, secret, perm, [], b"")
+    session = Session(session_id, participants, secret, perm, [], b"", serving_until)
     save_session(context, session)
     return session, blinding.elements_to_bytes(own)
 

@@ -347,6 +347,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not 1 <= rounds <= 100:
             raise UsageError("--rounds must be between 1 and 100")
         result = secagg_speed.run(args.platforms, args.borrowers, rounds, seed=args.seed)
+    elif args.name in ("query-latency", "query-load"):
+        from fedcredit.bench import lender_query
+
+        borrowers = args.borrowers or 2000
+        if args.name == "query-latency":
+            result = lender_query.run_latency(max(1, args.samples), borrowers, args.seed)
+        else:
+            if not 1 <= args.lenders <= 100 or args.queries < 1:
+                raise UsageError("--lenders 1-100 and --queries >= 1")
+            result = lender_query.run_load(args.lenders, args.queries, borrowers, args.seed)
     elif args.name == "uci":
         from fedcredit.bench import uci_federation
 
@@ -550,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.register(sub)
     deploy_cli.register(sub)
     train_cli.register(sub)
+    from fedcredit import query_cli, serve_cli  # lender service (docs/lender-query.md)
+
+    serve_cli.register(sub)
+    query_cli.register(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -584,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
             "uci",
             "secagg",
             "realdata",
+            "query-latency",  # the lender API on a deployment (docs/lender-query.md)
+            "query-load",
             "convergence",
         ],
     )
@@ -610,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--model", help="realdata: model kinds (default gbdt,mlp,lr)")
     bench.add_argument("--report-dir", help="realdata: also write realdata.json, .md and .png")
+    bench.add_argument("--lenders", type=int, default=20, help="query-load: lenders")
+    bench.add_argument("--queries", type=int, default=1000, help="query-load: questions")
+    bench.add_argument("--samples", type=int, default=15, help="query-latency: questions")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -31,6 +31,11 @@ def build_server_app(
         settings = FederationSettings.from_run_config(
             {**dict(context.run_config), **dict(overrides or {})}
         )
+        if settings.serve_config:  # the standing lender service (docs/lender-query.md)
+            from server.lender_service import run_service
+
+            run_service(grid, settings, keyholder)
+            return
         summary = run_federation(grid, settings, keyholder)
         log.info(
             "federation finished: %s",

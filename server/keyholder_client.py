@@ -53,6 +53,14 @@ from server.keyholder import (
     KeyHolderRefusal,
     ReplayGuard,
 )
+from server.keyholder_lender import (
+    ROUTE_ANSWER,
+    ROUTE_UNBLIND,
+    AnswerItem,
+    LenderDesk,
+    answer_request,
+    unblind_request,
+)
 from server.keystore import Keystore
 
 log = logging.getLogger(__name__)
@@ -105,6 +113,18 @@ class KeyHolderAPI(abc.ABC):
         cannot read the totals. Same refusals as ``decrypt_sums``, plus: a participant not in
         the key holder's roster, and sums that do not unpack into valid totals.
         """
+
+    def lender_unblind(
+        self, key_id: str, elements: Sequence[bytes], sealed: Sequence[bytes]
+    ) -> list[bytes | None]:
+        """Lender question, step 1: each applicant's pseudonym (``server.keyholder_lender``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not answer lender questions")
+
+    def lender_answer(
+        self, key_id: str, participants: Sequence[str], items: Sequence[AnswerItem]
+    ) -> list[bytes]:
+        """Lender question, step 2: each applicant's totals sealed for its lender."""
+        raise NotImplementedError(f"{type(self).__name__} does not answer lender questions")
 
 
 def _encode_request(
@@ -302,6 +322,25 @@ class KeyHolderClient(KeyHolderAPI):
         except (TypeError, ValueError, binascii.Error) as exc:
             raise KeyHolderUnavailable(f"key holder sent malformed sealed totals: {exc}") from None
 
+    def lender_unblind(
+        self, key_id: str, elements: Sequence[bytes], sealed: Sequence[bytes]
+    ) -> list[bytes | None]:
+        data = self._call("POST", ROUTE_UNBLIND, json=unblind_request(key_id, elements, sealed))
+        try:
+            found = data["pseudonyms"]
+            return [None if f is None else base64.b64decode(f, validate=True) for f in found]
+        except (KeyError, TypeError, binascii.Error, ValueError) as exc:
+            raise KeyHolderUnavailable(f"key holder sent malformed pseudonyms: {exc}") from None
+
+    def lender_answer(
+        self, key_id: str, participants: Sequence[str], items: Sequence[AnswerItem]
+    ) -> list[bytes]:
+        data = self._call("POST", ROUTE_ANSWER, json=answer_request(key_id, participants, items))
+        try:
+            return [base64.b64decode(b, validate=True) for b in data["sealed"]]
+        except (KeyError, TypeError, binascii.Error, ValueError) as exc:
+            raise KeyHolderUnavailable(f"key holder sent malformed answers: {exc}") from None
+
 
 # ------------------------------------------------------------------------- in-process (tests)
 
@@ -341,6 +380,19 @@ class LocalKeyHolder(KeyHolderAPI):
             clock=clock,
             roster=(lambda: self.roster or {}) if roster is not None else None,
         )
+        self.lender = LenderDesk(
+            lambda: self.keystore, self.core.audit, min_participants=min_participants, clock=clock
+        )
+
+    def lender_unblind(
+        self, key_id: str, elements: Sequence[bytes], sealed: Sequence[bytes]
+    ) -> list[bytes | None]:
+        return self.lender.unblind(key_id, elements, sealed, caller="local")
+
+    def lender_answer(
+        self, key_id: str, participants: Sequence[str], items: Sequence[AnswerItem]
+    ) -> list[bytes]:
+        return self.lender.answer(key_id, participants, items, caller="local")
 
     @property
     def verify_key(self) -> bytes:

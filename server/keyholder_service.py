@@ -57,6 +57,15 @@ from server.keyholder import (
     KeyHolderCore,
     KeyHolderRefusal,
 )
+from server.keyholder_lender import (
+    ROUTE_ANSWER,
+    ROUTE_UNBLIND,
+    AnswerBody,
+    LenderDesk,
+    UnblindBody,
+    serve_answer,
+    serve_unblind,
+)
 from server.keystore import atomic_write
 
 log = logging.getLogger(__name__)
@@ -132,6 +141,20 @@ def create_app(core: KeyHolderCore, token_sha256: str, *, max_inflight: int = 4)
         return JSONResponse({"error": "http", "reason": str(exc.detail)}, exc.status_code)
 
     inflight = asyncio.Semaphore(max_inflight)
+    desk = LenderDesk(
+        lambda: core.keystore, core.audit, min_participants=core.min_participants, clock=core.clock
+    )
+
+    @app.post(ROUTE_UNBLIND)
+    async def lender_unblind(body: UnblindBody, caller: str = Depends(authenticate)) -> Any:
+        """Lender question, step 1 (server/keyholder_lender.py)."""
+        return await run_in_threadpool(serve_unblind, desk, body, caller)
+
+    @app.post(ROUTE_ANSWER)
+    async def lender_answer(body: AnswerBody, caller: str = Depends(authenticate)) -> Any:
+        """Lender question, step 2: totals sealed for the lender (server/keyholder_lender.py)."""
+        async with inflight:
+            return await run_in_threadpool(serve_answer, desk, body, caller)
 
     @app.get(ROUTE_HEALTH)
     async def health() -> dict[str, str]:

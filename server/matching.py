@@ -129,9 +129,19 @@ def _split(blob: bytes) -> list[bytes]:
 
 
 def run_matching(
-    grid: Grid, nodes: Mapping[str, int], timeout: float, session_id: str | None = None
+    grid: Grid,
+    nodes: Mapping[str, int],
+    timeout: float,
+    session_id: str | None = None,
+    *,
+    serving_lifetime_s: int | None = None,
 ) -> MatchResult:
-    """One private-matching session over every platform in ``nodes`` (name -> node id)."""
+    """One private-matching session over every platform in ``nodes`` (name -> node id).
+
+    ``serving_lifetime_s`` opens a serving session instead (``query.serve_start`` and
+    ``query.serve_done``; platforms keep their secrets that long for lender questions, see
+    docs/lender-query.md).
+    """
     t0 = time.perf_counter()
     ring = tuple(sorted(nodes))
     count = len(ring)
@@ -141,8 +151,14 @@ def run_matching(
     result = MatchResult(session_id, ring, dict(nodes), {})
     progress.report("private matching", 0, count + 1, "blinding own borrowers")
 
-    start = m.MatchStart(session_id=session_id, participants=ring)
-    replies = exchange(grid, {n: ("query.match_start", start) for n in ring}, nodes, timeout)
+    start: m.Payload = m.MatchStart(session_id=session_id, participants=ring)
+    start_type, done_type = "query.match_start", "query.match_done"
+    if serving_lifetime_s is not None:
+        from protocols.lender_messages import ServeStart
+
+        start = ServeStart(session_id=session_id, participants=ring, lifetime_s=serving_lifetime_s)
+        start_type, done_type = "query.serve_start", "query.serve_done"
+    replies = exchange(grid, {n: (start_type, start) for n in ring}, nodes, timeout)
     current = {n: _elements(replies[n], n, session_id, n, None) for n in ring}
     sizes = {n: len(blob) // m.ELEMENT_BYTES for n, blob in current.items()}
     result.bytes_received += sum(len(b) for b in current.values())
@@ -175,7 +191,7 @@ def run_matching(
 
     done = {
         n: (
-            "query.match_done",
+            done_type,
             m.MatchDone(session_id=session_id, count=sizes[n], elements=current[n]),
         )
         for n in ring

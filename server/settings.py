@@ -64,6 +64,8 @@ class FederationSettings(BaseModel):
     gbdt_depth: int = Field(default=5, alias="gbdt-depth", ge=1, le=8)
     gbdt_learning_rate: float = Field(default=0.1, alias="gbdt-learning-rate", gt=0, le=1)
     gbdt_bins: int = Field(default=64, alias="gbdt-bins", ge=2, le=255)
+    # A path to serve.toml turns the run into the standing lender service (docs/lender-query.md).
+    serve_config: str = Field(default="", alias="serve-config")
 
     @field_validator("stages")
     @classmethod

@@ -191,7 +191,7 @@ def test_configs_parse_the_way_flwr_parses_them(bundle: tuple[Path, Manifest]) -
     for entry in manifest.platforms:
         text = (out / entry.dir / "node-config.txt").read_text().strip()
         config = parse_config_args([text])
-        assert set(config) == {"ledger", "identity", "roster"}
+        assert set(config) == {"ledger", "identity", "roster", "policy"}
         assert all(Path(str(value)).is_file() for value in config.values())
     run_config = parse_config_args([str(out / "bureau/run-config.toml")])
     assert run_config["keyholder-url"] == manifest.keyholder_url

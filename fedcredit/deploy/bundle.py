@@ -311,6 +311,7 @@ def init(
                 "ledger": location,
                 "identity": str(pdir / "identity.json"),
                 "roster": str(pdir / "roster.json"),
+                "policy": str(pdir / "policy.toml"),  # enforced on lender questions
             }
         )
         (pdir / "node-config.txt").write_text(node_config + "\n", encoding="utf-8")
@@ -318,6 +319,10 @@ def init(
             pdir / "policy.toml",
             PlatformPolicy(
                 lenders=lender_names,
+                lender_keys={
+                    n: (out / "lenders" / f"{n}.pub").read_text(encoding="utf-8").strip()
+                    for n in lender_names
+                },
                 purposes=list(purposes),
                 rate_limit_per_lender_per_hour=rate_limit_per_lender_per_hour,
                 max_batch=max_batch,

@@ -2,8 +2,10 @@
 
 MISSION.md lets each platform "decide which queries it answers". This is the file in which it
 says so. ``fedcredit deploy init`` writes one per platform and this model validates it; the
-ClientApp does not enforce it yet (later work), so the schema is strict now (unknown keys are
-refused) to keep a typo from silently becoming an unenforced rule later.
+ClientApp enforces it on every lender question (``clients/lender_policy.py``); the schema is
+strict (unknown keys are refused) so that a typo never becomes a silently unenforced rule.
+``lender_keys`` pins each served lender's Ed25519 public key (hex), with which the platform
+verifies the lender's signed consent records.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ class PlatformPolicy(BaseModel):
     purposes: list[str] = Field(min_length=1, description="query purposes it accepts")
     rate_limit_per_lender_per_hour: int = Field(gt=0, le=10_000_000)
     max_batch: int = Field(gt=0, le=10_000_000, description="most applicants in one query")
+    lender_keys: dict[str, str] = Field(
+        default_factory=dict, description="lender id -> Ed25519 public key (64 hex characters)"
+    )
+
+    @field_validator("lender_keys")
+    @classmethod
+    def _hex_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        for name, key in keys.items():
+            if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+                raise ValueError(f"lender {name!r}: key must be 64 lower-case hex characters")
+        return keys
 
     @field_validator("lenders", "purposes")
     @classmethod
@@ -46,11 +59,17 @@ class PlatformPolicy(BaseModel):
 
         return (
             "# fedcredit platform policy (validated by fedcredit.deploy.policy.PlatformPolicy;\n"
-            "# not enforced by the ClientApp yet).\n"
+            "# enforced by the ClientApp on every lender question).\n"
             f"lenders = {strings(self.lenders)}\n"
             f"purposes = {strings(self.purposes)}\n"
             f"rate_limit_per_lender_per_hour = {self.rate_limit_per_lender_per_hour}\n"
             f"max_batch = {self.max_batch}\n"
+            + (
+                "\n[lender_keys]\n"
+                + "".join(f'{strings([k])[1:-1]} = "{v}"\n' for k, v in self.lender_keys.items())
+                if self.lender_keys
+                else ""
+            )
         )
 
 

@@ -342,3 +342,39 @@ def down(out: Path, *, timeout: float = 15.0) -> list[str]:
     else:
         (out / PIDS).unlink(missing_ok=True)
     return described
+
+
+def stop_supernode(out: Path, platform_dir: str, *, timeout: float = 15.0) -> None:
+    """Stop one platform's SuperNode (and the ClientApps it spawned), as an outage would."""
+    out = out.resolve()
+    tag, processes = _read_pids(out)
+    name = f"supernode-{platform_dir}"
+    pids = [int(str(p["pid"])) for p in processes if p["name"] == name]
+    alive = [pid for pid in pids if pid_alive(pid) and _carries_tag(pid, tag)]
+    survivors = stop_processes(alive, None, timeout=timeout)  # its family only, not all tagged
+    if survivors:
+        raise DeployError(f"{name} survived: {sorted(survivors)}")
+
+
+def start_supernode(out: Path, platform_dir: str) -> int:
+    """(Re)start one platform's SuperNode under this folder's ``up``; returns its pid."""
+    out = out.resolve()
+    manifest = load_manifest(out)
+    tag, processes = _read_pids(out)
+    entry = next(e for e in manifest.platforms if e.dir == platform_dir)
+    launcher = _Launcher(out, tag)
+    started = launcher.spawn(
+        f"supernode-{entry.dir}",
+        supernode_argv(out, manifest, entry, binary=_binary("flower-supernode")),
+        out / entry.dir / "flwr-home",
+    )
+    others = [p for p in processes if p["name"] != started.name]
+    doc = {
+        "tag": tag,
+        "processes": [
+            *others,
+            {"name": started.name, "pid": started.pid, "log": started.log.name},
+        ],
+    }
+    (out / PIDS).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return started.pid

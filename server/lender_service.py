@@ -1,0 +1,444 @@
+"""``fedcredit serve``: the lender-facing HTTPS API, hosted by a standing ServerApp run.
+
+Why the API lives inside the ServerApp run. Flower 1.41 gives a ServerApp its ``Grid`` only
+inside ``main`` (for the run's lifetime); a run may last as long as it likes. So the bureau
+starts one run whose ``main`` opens a serving session, starts this API (uvicorn, TLS) in a
+thread of the same process, and then loops: take every question waiting, answer them together
+through the Grid (``ServingSession.ask``), resolve their futures. The Grid is used from that
+one thread only. No extra process, queue service or polling of the SuperLink is needed, and
+concurrent lenders share platform hops (batching is the throughput lever; see
+docs/lender-query.md).
+
+Lenders authenticate with the API keys ``fedcredit deploy init`` wrote; the bureau keeps only
+their SHA-256 (``bureau/lenders.json``). An unknown key gets 401, a revoked lender 403, and
+nothing else. Every answer is appended to the bureau's hash-chained inquiry record
+(``server.inquiry_audit``) and stored for ``GET /v1/queries/{id}`` (the lender's own only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from protocols.lender_messages import MAX_LENDER_BATCH
+from server.inquiry_audit import InquiryAudit
+from server.lender_models import (
+    DebtProfileAnswer,
+    DebtProfileBatchRequest,
+    DebtProfileRequest,
+    answer_body,
+)
+from server.serving import Question, QuestionAnswer
+
+log = logging.getLogger(__name__)
+
+Answerer = Callable[[Sequence[Question]], list[QuestionAnswer]]
+
+
+class ServeConfig(BaseModel):
+    """``serve.toml``: where the lender API listens and what it keeps (run config
+    ``serve-config`` names this file; ``fedcredit deploy init`` writes one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8480, ge=0, le=65535)
+    tls_cert: str = ""
+    tls_key: str = ""
+    lenders: str = Field(min_length=1, description="bureau/lenders.json")
+    state_dir: str = Field(min_length=1, description="inquiry audit and stored answers")
+    session_lifetime_s: int = Field(default=24 * 3600, ge=60, le=7 * 24 * 3600)
+    hop_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    answer_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    max_questions_per_round: int = Field(default=1000, ge=1, le=10_000)
+    union_batch: int = Field(default=5000, ge=1, le=50_000)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServeConfig:
+        with open(path, "rb") as fh:
+            return cls.model_validate(tomllib.load(fh))
+
+
+class LenderRegistry:
+    """``lenders.json``: lender -> SHA-256 of its API key, signing key, optional ``revoked``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        doc = json.loads(self.path.read_text(encoding="utf-8"))
+        self.entries: dict[str, dict[str, Any]] = dict(doc["lenders"])
+        self._by_hash = {e["api_key_sha256"]: name for name, e in self.entries.items()}
+
+    def identify(self, api_key: str) -> tuple[str | None, bool]:
+        """(lender, revoked) for a presented key; (None, False) when unknown."""
+        digest = hashlib.sha256(api_key.encode()).hexdigest()
+        for known, name in self._by_hash.items():
+            if hmac.compare_digest(known, digest):
+                return name, bool(self.entries[name].get("revoked", False))
+        return None, False
+
+    def signing_key(self, lender: str) -> bytes:
+        return bytes.fromhex(self.entries[lender]["signing_key"])
+
+
+class AnswerStore:
+    """Answers by query id and lender (SQLite beside the audit), for ``GET /v1/queries/{id}``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS answers (query_id TEXT PRIMARY KEY, lender TEXT "
+                "NOT NULL, body TEXT NOT NULL)"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def put(self, lender: str, body: DebtProfileAnswer) -> None:
+        with self._lock, self._connect() as db:
+            db.execute(
+                "INSERT INTO answers VALUES (?, ?, ?)",
+                (body.query_id, lender, body.model_dump_json()),
+            )
+
+    def get(self, lender: str, query_id: str) -> dict[str, Any] | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT body FROM answers WHERE query_id = ? AND lender = ?", (query_id, lender)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+
+class Dispatcher:
+    """Questions from the API threads, answered in rounds by the thread that owns the Grid."""
+
+    def __init__(
+        self, max_per_round: int, window_s: float = 0.3, max_gather_s: float = 5.0
+    ) -> None:
+        self.max_per_round = max_per_round
+        self.window_s = window_s
+        self.max_gather_s = max_gather_s
+        self._held: tuple[Question, cf.Future[QuestionAnswer]] | None = None
+        self._queue: queue.Queue[tuple[Question, cf.Future[QuestionAnswer]]] = queue.Queue()
+        self.stopped = threading.Event()
+        self.rounds = 0
+
+    def submit(self, question: Question) -> cf.Future[QuestionAnswer]:
+        future: cf.Future[QuestionAnswer] = cf.Future()
+        self._queue.put((question, future))
+        return future
+
+    def run_once(self, answer: Answerer, wait: float = 0.2) -> int:
+        """Answer every question waiting (up to the round limits); returns how many.
+
+        After the first question, the round keeps gathering while questions keep arriving
+        (each within ``window_s`` of the last, for at most ``max_gather_s``): a round costs
+        about the same for 1 or 1,000 applicants, so a burst should ride one round.
+        """
+        if self._held is not None:
+            first, self._held = self._held, None
+        else:
+            try:
+                first = self._queue.get(timeout=wait)
+            except queue.Empty:
+                return 0
+        batch = [first]
+        applicants = len(first[0].applicants)
+        deadline = time.monotonic() + self.max_gather_s
+        while len(batch) < self.max_per_round and time.monotonic() < deadline:
+            try:
+                item = self._queue.get(timeout=self.window_s)
+            except queue.Empty:
+                break
+            if applicants + len(item[0].applicants) > MAX_LENDER_BATCH:
+                self._held = item  # one platform message carries at most this many
+                break
+            batch.append(item)
+            applicants += len(item[0].applicants)
+        try:
+            t0 = time.perf_counter()
+            answers = answer([q for q, _ in batch])
+            log.info(
+                "round %d: %d questions, %d applicants in %.3f s",
+                self.rounds + 1,
+                len(batch),
+                applicants,
+                time.perf_counter() - t0,
+            )
+            for (_, future), result in zip(batch, answers, strict=True):
+                future.set_result(result)
+        except Exception as exc:  # a failed round fails its questions, never the loop
+            log.exception("lender round failed")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        self.rounds += 1
+        return len(batch)
+
+    def run_forever(self, answer: Answerer) -> None:
+        while not self.stopped.is_set():
+            self.run_once(answer)
+
+
+def _error(status: int, code: str, reason: str) -> JSONResponse:
+    return JSONResponse({"error": code, "reason": reason}, status_code=status)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, reason: str) -> None:
+        self.status, self.code, self.reason = status, code, reason
+
+
+def create_app(
+    dispatcher: Dispatcher,
+    registry: LenderRegistry,
+    audit: InquiryAudit,
+    answers: AnswerStore,
+    *,
+    health: Callable[[], dict[str, Any]],
+    key_announcement: Callable[[], dict[str, Any]],
+    answer_timeout_s: float = 30.0,
+) -> FastAPI:
+    """The lender API (OpenAPI at ``/openapi.json``)."""
+    app = FastAPI(
+        title="fedcredit lender API",
+        version="1",
+        description="Consented debt-profile queries over blinded applicants "
+        "(docs/lender-query.md).",
+    )
+    responses: dict[int | str, dict[str, Any]] = {
+        401: {"description": "unknown API key"},
+        403: {"description": "revoked lender"},
+        422: {"description": "invalid body, with a reason"},
+        503: {"description": "the federation did not answer in time"},
+    }
+
+    @app.exception_handler(_Refused)
+    async def _refused(_request: Request, exc: _Refused) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.reason)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:10]
+        )
+        return _error(422, "invalid_request", problems[:2000])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    def lender_of(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise _Refused(401, "unauthenticated", "an API key is required (Bearer)")
+        name, revoked = registry.identify(key.strip())
+        if name is None:
+            raise _Refused(401, "unauthenticated", "unknown API key")
+        if revoked:
+            raise _Refused(403, "revoked", "this lender's access is revoked")
+        return name
+
+    async def ask(lender: str, purpose: str, applicants: list[Any]) -> DebtProfileAnswer:
+        """Check the consents at the door, queue the question, await its round.
+
+        Async, so that thousands of questions can wait for their round without holding a
+        worker thread each (the answering itself happens in the Grid's thread)."""
+        key = registry.signing_key(lender)
+        for k, a in enumerate(applicants):
+            if a.consent.record.lender != lender:
+                raise _Refused(422, "bad_consent", f"applicant {k}: consent names another lender")
+            if a.consent.record.purpose != purpose:
+                raise _Refused(422, "bad_consent", f"applicant {k}: consent is for another purpose")
+            reason = a.consent.verify(key)
+            if reason is None and a.consent.record.element != _hex_b64(a.element):
+                reason = "consent is for another blinded element"
+            if reason is not None:
+                raise _Refused(422, "bad_consent", f"applicant {k}: {reason}")
+        question = Question(
+            uuid.uuid4().hex, lender, purpose, [a.to_applicant() for a in applicants]
+        )
+        future = dispatcher.submit(question)
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), answer_timeout_s)
+        except TimeoutError:
+            raise _Refused(503, "timeout", "the federation did not answer in time") from None
+        except Exception as exc:
+            raise _Refused(503, "unavailable", f"no answer: {exc}"[:300]) from None
+        body = answer_body(result, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        await run_in_threadpool(audit.record, result, lender)
+        await run_in_threadpool(answers.put, lender, body)
+        return body
+
+    @app.post("/v1/debt-profile", response_model=DebtProfileAnswer, responses=responses)
+    async def debt_profile(
+        body: DebtProfileRequest, lender: str = Depends(lender_of)
+    ) -> DebtProfileAnswer:
+        """One applicant's total debt, active loans and number of lenders (sealed)."""
+        return await ask(lender, body.purpose, list(body.applicants))
+
+    @app.post("/v1/debt-profile/batch", response_model=DebtProfileAnswer, responses=responses)
+    async def debt_profile_batch(
+        body: DebtProfileBatchRequest, lender: str = Depends(lender_of)
+    ) -> DebtProfileAnswer:
+        """Up to 1,000 applicants in one question."""
+        return await ask(lender, body.purpose, list(body.applicants))
+
+    @app.get("/v1/queries/{query_id}", response_model=DebtProfileAnswer, responses=responses)
+    def past_answer(query_id: str, lender: str = Depends(lender_of)) -> dict[str, Any]:
+        """One of this lender's own past answers (another lender's id is simply not found)."""
+        found = answers.get(lender, query_id)
+        if found is None:
+            raise _Refused(404, "not_found", "no such query for this lender")
+        return found
+
+    @app.get("/v1/health")
+    def get_health() -> dict[str, Any]:
+        """Liveness and the serving session's public facts (no secrets)."""
+        return health()
+
+    @app.get("/v1/key", responses=responses)
+    def get_key(_lender: str = Depends(lender_of)) -> dict[str, Any]:
+        """The key holder's signed announcement: lenders seal their secrets to its delivery
+        key after verifying the signature with the key holder's pinned signing key."""
+        return key_announcement()
+
+    return app
+
+
+def _hex_b64(value: str) -> str:
+    import base64
+
+    return base64.b64decode(value).hex()
+
+
+# ----------------------------------------------------------------- inside the ServerApp run
+
+
+def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
+    """The standing run: open a serving session, serve the API, answer in rounds, forever.
+
+    Stops when the run is stopped (``flwr stop``), or when ``state_dir/stop`` appears.
+    """
+    import uvicorn
+
+    from server.federation import describe_platforms, wait_for_nodes
+    from server.keyholder_client import connect_keyholder
+    from server.keyholder_service import announcement_json
+    from server.serving import open_serving_session
+
+    config = ServeConfig.load(settings.serve_config)
+    state = Path(config.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    # The ServerApp process's output goes to the SuperLink's log stream only while someone
+    # streams it; the service keeps its own log beside its state.
+    handler = logging.FileHandler(state / "service.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("server", "clients", "protocols"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    keyholder = keyholder or connect_keyholder(settings)
+    holder: dict[str, Any] = {"stale": False, "retry_at": 0.0}
+    # Discovery must not wait the batch run's long timeouts on a platform that is down.
+    quick = settings.model_copy(update={"timeout": max(4 * config.hop_timeout_s, 30.0)})
+
+    def refresh() -> None:
+        """A new serving session over the platforms online now (node ids may have changed:
+        a restarted SuperNode comes back with an empty node state, so its secret is gone)."""
+        t0 = time.perf_counter()
+        node_ids = wait_for_nodes(grid, settings)
+        described = describe_platforms(grid, node_ids, quick)
+        nodes = {d.platform: n for n, d in described.items()}
+        if len(nodes) < settings.min_participants:
+            raise RuntimeError(f"{len(nodes)} platforms online, {settings.min_participants} needed")
+        session = open_serving_session(
+            grid,
+            nodes,
+            keyholder,
+            timeout=quick.timeout,
+            lifetime_s=config.session_lifetime_s,
+            batch_size=config.union_batch,
+        )
+        session.timeout = config.hop_timeout_s
+        holder["session"] = session
+        holder["stale"] = False
+        log.info("serving session ready in %.1f s", time.perf_counter() - t0)
+
+    def answer_round(questions: Sequence[Question]) -> list[QuestionAnswer]:
+        answers = holder["session"].ask(grid, questions, keyholder)
+        if any(a.missing for a in answers):
+            holder["stale"] = True  # try a fresh session before the next round
+        return answers
+
+    refresh()
+    dispatcher = Dispatcher(config.max_questions_per_round)
+
+    def health() -> dict[str, Any]:
+        session = holder["session"]
+        return {
+            "status": "ok",
+            "session": session.session_id,
+            "participants": list(session.participants),
+            "expires_at": int(session.expires_at),
+            "rounds": dispatcher.rounds,
+        }
+
+    app = create_app(
+        dispatcher,
+        LenderRegistry(config.lenders),
+        InquiryAudit(state / "inquiries.jsonl"),
+        AnswerStore(state / "answers.sqlite"),
+        health=health,
+        key_announcement=lambda: announcement_json(keyholder.announcement()),
+        answer_timeout_s=config.answer_timeout_s,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            ssl_certfile=config.tls_cert or None,
+            ssl_keyfile=config.tls_key or None,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, name="lender-api", daemon=True)
+    thread.start()
+    log.info("lender API on https://%s:%d", config.host, config.port)
+    stop_file = state / "stop"
+    try:
+        while not stop_file.exists():
+            due = holder["stale"] and time.monotonic() >= holder["retry_at"]
+            if holder["session"].expired or due:
+                try:
+                    refresh()
+                except Exception as exc:  # keep answering (naming the missing) and retry
+                    log.warning("serving session refresh failed, retrying later: %s", exc)
+                    holder["retry_at"] = time.monotonic() + 2 * config.hop_timeout_s
+            dispatcher.run_once(answer_round)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
