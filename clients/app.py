@@ -39,11 +39,13 @@ from clients.platform_data import PlatformData, load_platform_data
 from clients.query_log import QueryLog, query_log_for
 from clients.received_totals import store_received_totals
 from clients.secure_sum import requested_spec, secure_reply
-from protocols import blinding, delivery
+from protocols import blinding, delivery, robust_features
 from protocols import messages as m
+from protocols.local_work import local_epochs
 from protocols.masking import MaskContext, MaskError, add_masks, pairwise_secret, platform_mask
 from protocols.packing import debt_profile_layout
 from protocols.paillier import ciphertexts_to_bytes, encrypt_plaintexts
+from protocols.robust_features import RobustTransform
 from protocols.scaling import FeatureSums, Scaler
 
 if TYPE_CHECKING:
@@ -117,10 +119,30 @@ def _describe(msg: Message, _ctx: Context, data: PlatformData) -> RecordDict:
     ).to_content()
 
 
+def _rows(
+    req: m.FeatureStatsRequest | m.FeatureSketchRequest | m.ModelInstructions,
+    ctx: Context,
+    data: PlatformData,
+    split: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a request names, after its robust transform where it carries one."""
+    X, y = data.rows(
+        req.feature_set,
+        req.features,
+        split,
+        req.test_share,
+        _delivered_totals(ctx),
+        validation_share=req.validation_share,
+    )
+    if req.robust is not None:
+        X = RobustTransform.from_dict(req.robust.model_dump()).transform(X)
+    return X, y
+
+
 def _feature_stats(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     req = m.FeatureStatsRequest.from_content(msg.content, "query.feature_stats")
     spec = requested_spec(msg.content, "query.feature_stats")
-    X, _ = data.rows(req.feature_set, req.features, "train", req.test_share, _delivered_totals(ctx))
+    X, _ = _rows(req, ctx, data, "train")
     sums = FeatureSums.of(X)
     if spec is not None:
         values = {"n": np.asarray(float(sums.n)), "sums": sums.sums, "sumsq": sums.sumsq}
@@ -128,9 +150,27 @@ def _feature_stats(msg: Message, ctx: Context, data: PlatformData) -> RecordDict
     return m.FeatureStats(n=sums.n, sums=sums.sums.tolist(), sumsq=sums.sumsq.tolist()).to_content()
 
 
+def _feature_sketch(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
+    what = "query.feature_sketch"
+    req = m.FeatureSketchRequest.from_content(msg.content, what)
+    spec = requested_spec(msg.content, what)
+    if req.robust is not None:
+        raise m.ProtocolError(f"{what}: sketches are of untransformed rows")
+    X, _ = _rows(req, ctx, data, "train")
+    counts = robust_features.sketch(
+        X, np.asarray(req.mean), np.asarray(req.std), robust_features.flag_columns(req.features)
+    )
+    if spec is not None:
+        return secure_reply(spec, {"sketch": counts.astype(np.float64)}, ctx, data, what)
+    return m.FeatureSketch(
+        width=counts.shape[0], bins=counts.shape[1], counts=m.ints_to_bytes(counts)
+    ).to_content()
+
+
 def _model_and_rows(
-    msg: Message, ctx: Context, data: PlatformData, split: str
+    msg: Message, ctx: Context, data: PlatformData, split: str | None
 ) -> tuple[m.ModelInstructions, object, np.ndarray, np.ndarray]:
+    """The model and the rows of ``split`` (None: the split the message asks to score)."""
     what = msg.metadata.message_type
     req = m.ModelInstructions.from_content(msg.content, what)
     arrays = msg.content.array_records.get("arrays")
@@ -143,7 +183,7 @@ def _model_and_rows(
         model.load_state_dict(arrays.to_torch_state_dict())
     except (RuntimeError, KeyError, ValueError) as exc:
         raise m.ProtocolError(f"{what}: weights do not fit a {req.model} model: {exc}") from exc
-    X, y = data.rows(req.feature_set, req.features, split, req.test_share, _delivered_totals(ctx))
+    X, y = _rows(req, ctx, data, split or req.eval_split)
     scaler = Scaler(np.asarray(req.mean), np.asarray(req.std))
     return req, model, scaler.transform(X), y
 
@@ -154,7 +194,7 @@ def _train(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     from protocols.model import TrainConfig, scheduled_lr, train_local
 
     cfg = TrainConfig(
-        epochs=req.epochs,
+        epochs=local_epochs(req.epochs, req.local_steps, len(y), req.batch_size),
         learning_rate=scheduled_lr(
             req.learning_rate, req.lr_schedule, req.server_round, req.total_rounds
         ),
@@ -231,16 +271,14 @@ def _dp_round(req: m.ModelInstructions, rows: int, ctx: Context) -> DPSGD | None
 
 def _evaluate(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     spec = requested_spec(msg.content, "evaluate")
-    req, model, X, y = _model_and_rows(msg, ctx, data, "test")
+    req, model, X, y = _model_and_rows(msg, ctx, data, None)
     from protocols.metrics import ScoreHistogram
     from protocols.model import log_loss, predict_proba
 
     hist = ScoreHistogram.of(predict_proba(model, X), y)  # type: ignore[arg-type]
     # The training rows' scores too, as counts: the bureau compares the two summed
     # distributions (PSI) without seeing a score.
-    X_train, y_train = data.rows(
-        req.feature_set, req.features, "train", req.test_share, _delivered_totals(ctx)
-    )
+    X_train, y_train = _rows(req, ctx, data, "train")
     X_train = Scaler(np.asarray(req.mean), np.asarray(req.std)).transform(X_train)
     train = ScoreHistogram.of(predict_proba(model, X_train), y_train)  # type: ignore[arg-type]
     loss = float(log_loss(model, X, y)) if len(y) else 0.0  # type: ignore[arg-type]
@@ -514,6 +552,7 @@ def build_client_app(
 
     app.query("describe")(serve(_describe))
     app.query("feature_stats")(serve(_feature_stats))
+    app.query("feature_sketch")(serve(_feature_sketch))
     app.train()(serve(_train))
     app.evaluate()(serve(_evaluate))
     app.query("match_start")(serve(_match_start))

@@ -195,3 +195,24 @@ def with_cross_platform(local: LocalFeatures, totals: np.ndarray) -> LocalFeatur
     }
     X = np.column_stack([local.X, *(extra[name] for name in CROSS_PLATFORM_FEATURES)])
     return LocalFeatures(local.tokens, [*local.names, *CROSS_PLATFORM_FEATURES], X, local.y)
+
+
+def select_columns(feats: LocalFeatures, names: list[str]) -> np.ndarray:
+    """The columns ``names`` of ``feats.X``, in that order.
+
+    A platform adds an imported feature's ``x_<name>_missing`` flag only where one of its own
+    cells is empty; where another platform has gaps, the federation asks everyone for the
+    flag, and a platform without it has nothing missing: its flag column is zeros. Any other
+    absent feature is an error.
+    """
+    index = {n: i for i, n in enumerate(feats.names)}
+    absent = [
+        n for n in names if n not in index and not (n.endswith("_missing") and n[:-8] in index)
+    ]
+    if absent:
+        raise LookupError(f"features not available on this platform: {', '.join(absent)}")
+    out = np.zeros((feats.X.shape[0], len(names)))
+    for j, name in enumerate(names):
+        if name in index:
+            out[:, j] = feats.X[:, index[name]]
+    return out

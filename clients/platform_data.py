@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import case, func, select
 
-from clients.features import LocalFeatures, local_features, with_cross_platform
+from clients.features import LocalFeatures, local_features, select_columns, with_cross_platform
 from clients.ledger import schema
 from clients.ledger.store import open_ledger
 from protocols.messages import PROFILE_FIELDS, ints_from_bytes, tokens_from_bytes
-from protocols.split import in_test_set
+from protocols.split import in_test_set, in_validation_set
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,12 @@ class PlatformData:
         split: str,
         test_share: float,
         totals: tuple[bytes, bytes] | None = None,
+        validation_share: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(X, y) of the labelled train or test rows, columns in the order asked for.
+        """(X, y) of the labelled train, validation or test rows, columns in the order asked.
 
+        With a ``validation_share``, that share of the non-test people is kept out of
+        ``train`` and forms ``validation`` (early stopping reads it; ``protocols.split``).
         Cross-platform rows need the totals this node received (``query.totals``), which
         Flower keeps in the node's context state: a simulated node may run in a different
         worker process from one message to the next, so nothing may rely on process memory.
@@ -65,13 +68,20 @@ class PlatformData:
             )
         else:
             feats = self.cross_features(*totals)
-        missing = [n for n in names if n not in feats.names]
-        if missing:
-            raise LookupError(f"features not available on this platform: {', '.join(missing)}")
-        cols = [feats.names.index(n) for n in names]
+        mask = self.labelled & self.split_mask(split, test_share, validation_share)
+        return select_columns(feats, names)[mask], feats.y[mask].astype(np.float64)
+
+    def split_mask(self, split: str, test_share: float, validation_share: float) -> np.ndarray:
+        """Rows of one split; train, validation and test never share a person."""
         test = self.test_mask(test_share)
-        mask = self.labelled & (test if split == "test" else ~test)
-        return feats.X[np.ix_(mask, cols)], feats.y[mask].astype(np.float64)
+        if split == "test":
+            return test
+        validation = ~test & in_validation_set(self.features.tokens, validation_share)
+        if split == "validation":
+            return validation
+        if split == "train":
+            return ~test & ~validation
+        raise ValueError(f"unknown split {split!r}")
 
     def fingerprint(self) -> str:
         """SHA-256 over tokens, labels and feature values: names the data a model saw."""

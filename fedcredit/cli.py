@@ -391,6 +391,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         except (ImportValidationError, MappingError) as exc:
             raise UsageError(f"--csv: {exc}") from None
+    elif args.name == "convergence":
+        from fedcredit.bench import convergence
+
+        result = convergence.from_args(args, UsageError)
     elif args.name == "realdata":
         from fedcredit.bench import realdata
 
@@ -617,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
             "realdata",
             "query-latency",  # the lender API on a deployment (docs/lender-query.md)
             "query-load",
+            "convergence",
         ],
     )
     bench.add_argument(
@@ -633,9 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=int, default=None, help="uci, realdata: FedAvg rounds (20); secagg: (5)"
     )
     bench.add_argument(
-        "--csv", help="uci, realdata: the CSV (uci default ../shared/data/uci_credit_card.csv)"
+        "--csv",
+        help="uci, realdata, convergence: the CSV (uci default ../shared/data/uci_credit_card.csv)",
     )
-    bench.add_argument("--mapping", help="realdata: the CSV's import mapping (TOML)")
+    bench.add_argument("--mapping", help="realdata, convergence: the CSV's import mapping (TOML)")
     bench.add_argument(
         "--split", choices=["random", "skewed"], default="random", help="realdata: platform split"
     )

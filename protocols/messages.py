@@ -12,6 +12,7 @@ Message types (Flower routes ``train``, ``evaluate`` and ``query.<name>``):
 ``query.describe``         platform name, token-pepper fingerprint, row counts, feature names
                            and a fingerprint of the data (no rows, no tokens)
 ``query.feature_stats``    count and per-feature sums of x and x² over the training rows
+``query.feature_sketch``   per-feature row counts on agreed bins (robust transforms' quantiles)
 ``train``                  FedAvg local step (model weights in an ``ArrayRecord``)
 ``evaluate``               held-out score histograms (sums; AUC and KS are read off the sum)
 ``query.match_start``      opens a private-matching session; the platform answers with its own
@@ -192,14 +193,85 @@ class PlatformDescription(Payload):
     fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class RobustSpec(Payload):
+    """A fitted robust feature transform (``protocols.robust_features``), per feature."""
+
+    center: list[float]
+    scale: list[float]
+    log: list[bool]
+    lo: list[float]
+    hi: list[float]
+    flags: list[int]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        width = len(self.center)
+        if not all(len(v) == width for v in (self.scale, self.log, self.lo, self.hi, self.flags)):
+            raise ValueError("robust transform fields differ in length")
+        values = (*self.center, *self.scale, *self.lo, *self.hi)
+        if not all(math.isfinite(v) for v in values) or not all(s > 0 for s in self.scale):
+            raise ValueError("robust transform must be finite with positive scales")
+        if any(a > b for a, b in zip(self.lo, self.hi, strict=True)):
+            raise ValueError("robust transform clip bounds are inverted")
+        if any(not -1 <= k < width or k == j for j, k in enumerate(self.flags)):
+            raise ValueError("robust transform names a missing flag that is not a feature")
+        return self
+
+
 class _FeatureSpec(Payload):
     feature_set: Literal["local", "cross"]
     features: list[FeatureName] = Field(min_length=1, max_length=MAX_FEATURES)
     test_share: float = Field(gt=0.0, lt=1.0)
+    # Share of the non-test people kept apart to decide when training stops (0: none).
+    validation_share: float = Field(default=0.0, ge=0.0, lt=1.0)
+    robust: RobustSpec | None = None
+
+    @model_validator(mode="after")
+    def _robust_width(self) -> Self:
+        if self.robust is not None and len(self.robust.center) != len(self.features):
+            raise ValueError("robust transform and features differ in length")
+        return self
 
 
 class FeatureStatsRequest(_FeatureSpec):
-    pass
+    """Sums over the training rows, after the robust transform where one is given."""
+
+
+class FeatureSketchRequest(_FeatureSpec):
+    """Per-feature histograms of the training rows on bins fixed by this mean and std."""
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if not len(self.features) == len(self.mean) == len(self.std):
+            raise ValueError("features, mean and std differ in length")
+        if not all(math.isfinite(v) for v in self.mean) or not all(
+            math.isfinite(s) and s > 0 for s in self.std
+        ):
+            raise ValueError("mean and std must be finite with positive standard deviations")
+        return self
+
+
+class FeatureSketch(BinaryPayload):
+    """(features, bins) row counts as little-endian int64, features-major."""
+
+    BINARY_FIELDS = ("counts",)
+    width: int = Field(ge=1, le=MAX_FEATURES)  # features
+    bins: int = Field(ge=1, le=4096)
+    counts: bytes
+
+    @model_validator(mode="after")
+    def _size(self) -> Self:
+        if len(self.counts) != self.width * self.bins * 8:
+            raise ValueError(f"counts of {len(self.counts)} bytes for {self.width} x {self.bins}")
+        if (np.frombuffer(self.counts, dtype="<i8") < 0).any():
+            raise ValueError("negative histogram counts")
+        return self
+
+    def matrix(self) -> np.ndarray:
+        return ints_from_bytes(self.counts, self.width, self.bins)
 
 
 class FeatureStats(Payload):
@@ -234,6 +306,12 @@ class ModelInstructions(_FeatureSpec):
     dp_epsilon: float = Field(default=0.0, ge=0.0, le=1000.0)
     dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     dp_clip_norm: float = Field(default=3.0, gt=0.0, le=1000.0)
+    # Local SGD steps per round at least (whole epochs, so every row is seen): a platform of
+    # 300 rows would otherwise take one step a round (``server/convergence.py``).
+    local_steps: int = Field(default=0, ge=0, le=100_000)
+    # Which held-out rows an evaluate message scores: the validation people during training
+    # (they decide when to stop), the test people once, at the end.
+    eval_split: Literal["test", "validation"] = "test"
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:

@@ -39,6 +39,7 @@ class Scaler:
 
     mean: np.ndarray
     std: np.ndarray
+    n: int = 0  # training rows the sums came from (sizes the local work per round)
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         return ((np.asarray(X, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
@@ -60,4 +61,4 @@ def combine(parts: Iterable[FeatureSums]) -> Scaler:
         raise ValueError("no training rows in any party")
     mean = sum(p.sums for p in parts) / n
     var = np.maximum(sum(p.sumsq for p in parts) / n - np.square(mean), 0.0)
-    return Scaler(mean, np.maximum(np.sqrt(var), MIN_STD))
+    return Scaler(mean, np.maximum(np.sqrt(var), MIN_STD), n)

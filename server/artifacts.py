@@ -79,7 +79,10 @@ def save_model(
         "feature_set": trained.feature_set,
         "features": trained.features,
         "scaler": trained.scaler.to_dict(),
+        # Applied before the scaler: robust = transform(x), input = (robust - mean) / std.
+        "robust_transform": trained.robust.to_dict() if trained.robust is not None else None,
         "rounds": trained.rounds,
+        "training": trained.convergence(),
         "weights_file": weights.name,
         "weights_sha256": state_fingerprint(model),
         "platforms": [

@@ -82,13 +82,21 @@ def describe_platforms(
 
 
 def common_features(descs: dict[int, m.PlatformDescription]) -> list[str]:
-    """Features every platform computes, in the first platform's order."""
+    """Features every platform computes, in the first platform's order, plus the missing-value
+    flags of those features that only some platforms need (a platform without the flag has
+    no gaps: it sends zeros, ``clients.features.select_columns``)."""
     lists = [d.features for d in descs.values()]
     shared = set(lists[0]).intersection(*lists[1:])
-    dropped = set().union(*lists) - shared
+    everywhere = [f for f in lists[0] if f in shared]
+    flags = sorted(
+        f
+        for f in set().union(*lists) - shared
+        if f.endswith("_missing") and f.removesuffix("_missing") in shared
+    )
+    dropped = set().union(*lists) - shared - set(flags)
     if dropped:
         log.warning("features not held by every platform are left out: %s", sorted(dropped))
-    return [f for f in lists[0] if f in shared]
+    return everywhere + flags
 
 
 def deliver_totals(
@@ -178,6 +186,8 @@ def _model_summary(
         "per_platform": {names[n]: h.summary() for n, h in trained.per_node.items()},
         "history": trained.history,
         "privacy": trained.privacy,
+        # Why training stopped (server/convergence.py); boosting reports its own history.
+        **(trained.convergence() if isinstance(trained, TrainedModel) else {}),
         "files": files,
     }
 

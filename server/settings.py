@@ -36,6 +36,15 @@ class FederationSettings(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = Field(default="cosine", alias="lr-schedule")
     batch_size: int = Field(default=256, alias="batch-size", ge=1, le=65536)
     test_share: float = Field(default=0.3, alias="test-share", gt=0, lt=1)
+    # Convergence (server/convergence.py): num-rounds is a ceiling once validation-share > 0.
+    validation_share: float = Field(default=0.2, alias="validation-share", ge=0, lt=1)
+    patience: int = Field(default=5, ge=1, le=1000)
+    local_steps: int = Field(default=0, alias="local-steps", ge=0, le=100_000)
+    server_optimizer: Literal["fedavg", "fedadam", "fedyogi"] = Field(
+        default="fedavg", alias="server-optimizer"
+    )
+    server_learning_rate: float = Field(default=0.01, alias="server-learning-rate", gt=0, le=1)
+    robust_features: bool = Field(default=True, alias="robust-features")
     key_bits: Literal[2048, 3072] = Field(default=2048, alias="key-bits")
     query_batch: int = Field(default=3000, alias="query-batch", ge=1, le=50_000)
     query_limit: int = Field(default=0, alias="query-limit", ge=0)

@@ -28,9 +28,11 @@ from flwr.serverapp.strategy import FedAvg
 from protocols import messages as m
 from protocols.metrics import BINS, ScoreHistogram, calibration_summary, psi
 from protocols.model import build_model
+from protocols.robust_features import RobustTransform
 from protocols.scaling import FeatureSums, Scaler, combine
-from server import progress
+from server import convergence, progress
 from server.dp_record import aggregate_train_metrics, dp_metadata
+from server.feature_prep import prepare_features
 from server.settings import FederationSettings
 
 log = logging.getLogger(__name__)
@@ -63,10 +65,10 @@ def federated_scaler(
     feature_set: str,
     features: list[str],
     settings: FederationSettings,
+    robust: RobustTransform | None = None,
 ) -> Scaler:
-    request = m.FeatureStatsRequest(
-        feature_set=feature_set, features=features, test_share=settings.test_share
-    )
+    """Mean and std of the training rows (after ``robust``, if given), from summed sums."""
+    request = feature_stats_request(feature_set, features, settings, robust)
     replies = ask_all(grid, nodes, "query.feature_stats", request.to_content(), settings.timeout)
     parts = []
     for node, content in replies.items():
@@ -75,6 +77,21 @@ def federated_scaler(
             raise FederationError(f"node {node} sent sums for {len(stats.sums)} features")
         parts.append(FeatureSums(stats.n, np.asarray(stats.sums), np.asarray(stats.sumsq)))
     return combine(parts)
+
+
+def feature_stats_request(
+    feature_set: str,
+    features: list[str],
+    settings: FederationSettings,
+    robust: RobustTransform | None = None,
+) -> m.FeatureStatsRequest:
+    return m.FeatureStatsRequest(
+        feature_set=feature_set,  # type: ignore[arg-type]
+        features=features,
+        test_share=settings.test_share,
+        validation_share=settings.validation_share,
+        robust=None if robust is None else m.RobustSpec(**robust.to_dict()),  # type: ignore[arg-type]
+    )
 
 
 def histogram_of(record: MetricRecord, prefix: str = "hist") -> ScoreHistogram:
@@ -154,6 +171,11 @@ class TrainedModel:
     secure_aggregation: bool = False
     # Platforms dropped mid-training (secure aggregation re-runs the round without them).
     dropped: dict[str, str] = field(default_factory=dict)
+    robust: RobustTransform | None = None
+    local_steps: int = 0
+    # Why the round loop ended, and after how many rounds (server/convergence.py).
+    stopped_because: str = ""
+    best_round: int = 0
 
     @property
     def histogram(self) -> ScoreHistogram:
@@ -175,12 +197,32 @@ class TrainedModel:
             return None
         return sum(self.train_per_node.values(), ScoreHistogram.empty())
 
+    def convergence(self) -> dict[str, Any]:
+        """How training ran and why it stopped (``server/convergence.py``)."""
+        return {
+            "rounds_run": self.rounds,
+            "best_round": self.best_round,
+            "stopped_because": self.stopped_because,
+            "local_steps": self.local_steps,
+            "log_transformed": self.robust.describe(self.features)["log_transformed"]
+            if self.robust is not None
+            else [],
+        }
+
     def calibration(self) -> dict[str, Any]:
         """Brier score, PSI (training vs held-out) and reliability table, from the sums."""
         return calibration_summary(self.histogram, self.train_histogram)
 
     def instructions(self, settings: FederationSettings) -> m.ModelInstructions:
-        return instructions(self.kind, self.feature_set, self.features, self.scaler, settings)
+        return instructions(
+            self.kind,
+            self.feature_set,
+            self.features,
+            self.scaler,
+            settings,
+            robust=self.robust,
+            local_steps=self.local_steps,
+        )
 
 
 def instructions(
@@ -189,6 +231,8 @@ def instructions(
     features: list[str],
     scaler: Scaler,
     settings: FederationSettings,
+    robust: RobustTransform | None = None,
+    local_steps: int = 0,
 ) -> m.ModelInstructions:
     return m.ModelInstructions(
         model=kind,  # type: ignore[arg-type]
@@ -206,6 +250,9 @@ def instructions(
         dp_epsilon=settings.dp_epsilon,
         dp_delta=settings.dp_delta,
         dp_clip_norm=settings.dp_clip_norm,
+        validation_share=settings.validation_share,
+        robust=None if robust is None else m.RobustSpec(**robust.to_dict()),  # type: ignore[arg-type]
+        local_steps=local_steps,
     )
 
 
@@ -218,7 +265,8 @@ def train_federated(
     settings: FederationSettings,
     names: dict[int, str] | None = None,
 ) -> TrainedModel:
-    """Federated scaling, then ``num-rounds`` of FedAvg, then a per-platform evaluation.
+    """Federated robust features and scaling, then FedAvg rounds until converged
+    (``server/convergence.py``), then an evaluation on the test people.
 
     With ``secure-aggregation`` (``names``: node id -> enrolled platform name) every sum is
     masked (``server.secure_aggregation``) and the final evaluation is a sum too.
@@ -236,28 +284,34 @@ def train_federated(
         train_metrics_aggr_fn=aggregate_train_metrics,
     )
     rounds = None
+    prefix = f"{kind}-{feature_set}"
     if settings.secure_aggregation:
         from server import secure_aggregation as sa
 
         # A dropout shrinks the set down to two platforms (the sum still hides each one from
         # the coordinator); min-nodes only says how many must connect before the run starts.
         rounds = sa.SecureRounds(grid, sa.names_for(nodes, names), settings.timeout)
-        prefix = f"{kind}-{feature_set}"
-        request = m.FeatureStatsRequest(
-            feature_set=feature_set, features=features, test_share=settings.test_share
+        robust, scaler = prepare_features(
+            grid, nodes, feature_set, features, settings, rounds=rounds, label=prefix
         )
-        scaler = sa.secure_scaler(rounds, prefix, request)
-        strategy: StrictFedAvg = sa.SecureFedAvg(rounds, prefix, **strategy_args)
+        strategy = convergence.make_strategy(
+            sa.SecureFedAvg, settings, rounds, prefix, **strategy_args
+        )
     else:
-        scaler = federated_scaler(grid, nodes, feature_set, features, settings)
-        strategy = StrictFedAvg(**strategy_args)
+        robust, scaler = prepare_features(grid, nodes, feature_set, features, settings)
+        strategy = convergence.make_strategy(StrictFedAvg, settings, **strategy_args)
+    steps = convergence.local_steps(settings, scaler.n)
     model = build_model(kind, len(features), seed=settings.seed)
-    payload = instructions(kind, feature_set, features, scaler, settings).to_content()
-    config = payload.config_records[m.PAYLOAD_KEY]
+    base = instructions(kind, feature_set, features, scaler, settings, robust, steps)
+    split = "validation" if settings.validation_share > 0 else "test"
+    eval_config = (
+        base.model_copy(update={"eval_split": split}).to_content().config_records[m.PAYLOAD_KEY]
+    )
     history: list[dict[str, float]] = []
+    latest: list[MetricRecord] = []
 
-    # Flower's strategy loop logs each round; the rounds' held-out metrics come back in the
-    # result, and progress is reported per round through the evaluation aggregation hook.
+    # The rounds' validation metrics come back through the evaluation aggregation hook, which
+    # also reports progress; the round loop reads the latest loss to decide when to stop.
     def on_round(records: list[RecordDict], weight_key: str) -> MetricRecord:
         metrics = sum_histograms(records, weight_key)
         entry = {
@@ -270,17 +324,23 @@ def train_federated(
         if "psi" in metrics:
             entry["psi"] = round(float(metrics["psi"]), 6)  # type: ignore[arg-type]
         history.append(entry)
+        latest[:] = [metrics]
         progress.report(label, len(history), settings.num_rounds, f"AUC {metrics['auc']:.4f}")
         return metrics
 
+    def train_config(scale: float) -> ConfigRecord:
+        lr = base.model_copy(update={"learning_rate": settings.learning_rate * scale})
+        return ConfigRecord(dict(lr.to_content().config_records[m.PAYLOAD_KEY]))
+
     strategy.evaluate_metrics_aggr_fn = on_round
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=settings.num_rounds,
-        timeout=settings.timeout,
-        train_config=ConfigRecord(dict(config)),
-        evaluate_config=ConfigRecord(dict(config)),
+    result = convergence.run_rounds(
+        strategy,
+        grid,
+        ArrayRecord(model.state_dict()),
+        settings,
+        train_config=train_config,
+        evaluate_config=ConfigRecord(dict(eval_config)),
+        evaluated=lambda: latest[0] if latest else None,
     )
     trained = TrainedModel(
         kind=kind,
@@ -288,7 +348,7 @@ def train_federated(
         features=features,
         scaler=scaler,
         arrays=result.arrays,
-        rounds=settings.num_rounds,
+        rounds=result.rounds_run,
         history=history,
         privacy=dp_metadata(
             settings.dp_epsilon,
@@ -297,6 +357,10 @@ def train_federated(
             result.train_metrics_clientapp.get(settings.num_rounds),
             len(rounds.live) if rounds is not None else len(nodes),
         ),
+        robust=robust,
+        local_steps=steps,
+        stopped_because=result.stopped_because,
+        best_round=result.best_round,
     )
     if rounds is None:
         trained.per_node, trained.train_per_node = evaluate_per_node(grid, nodes, trained, settings)

@@ -186,7 +186,43 @@ def _model_instructions(draw: st.DrawFn) -> m.ModelInstructions:
         server_round=draw(st.integers(0, 1000)),
         total_rounds=draw(st.integers(1, 10_000)),
         lr_schedule=draw(st.sampled_from(["constant", "cosine"])),
+        validation_share=draw(st.floats(0.0, 0.9)),
+        local_steps=draw(st.integers(0, 100_000)),
+        eval_split=draw(st.sampled_from(["test", "validation"])),
     )
+
+
+@st.composite
+def _robust_spec(draw: st.DrawFn, k: int) -> m.RobustSpec:
+    lo = draw(st.lists(finite, min_size=k, max_size=k))
+    return m.RobustSpec(
+        center=draw(st.lists(finite, min_size=k, max_size=k)),
+        scale=draw(st.lists(st.floats(1e-6, 1e6), min_size=k, max_size=k)),
+        log=draw(st.lists(st.booleans(), min_size=k, max_size=k)),
+        lo=lo,
+        hi=[v + draw(st.floats(0.0, 10.0)) for v in lo],
+        flags=[-1] * k,
+    )
+
+
+@st.composite
+def _feature_sketch_request(draw: st.DrawFn) -> m.FeatureSketchRequest:
+    feats, mean, std = draw(_feature_lists())
+    return m.FeatureSketchRequest(
+        feature_set=draw(st.sampled_from(["local", "cross"])),
+        features=feats,
+        test_share=draw(share),
+        validation_share=draw(st.floats(0.0, 0.9)),
+        mean=mean,
+        std=std,
+    )
+
+
+@st.composite
+def _feature_sketch(draw: st.DrawFn) -> m.FeatureSketch:
+    k, bins = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    cells = draw(st.lists(st.integers(0, 10**9), min_size=k * bins, max_size=k * bins))
+    return m.FeatureSketch(width=k, bins=bins, counts=m.ints_to_bytes(np.array(cells)))
 
 
 @st.composite
@@ -287,9 +323,12 @@ VALID: dict[type[m.Payload], st.SearchStrategy[m.Payload]] = {
             feature_set=st.sampled_from(["local", "cross"]),
             features=st.just(f[0]),
             test_share=share,
+            robust=st.one_of(st.none(), _robust_spec(len(f[0]))),
         )
     ),
     m.FeatureStats: _feature_stats(),
+    m.FeatureSketchRequest: _feature_sketch_request(),
+    m.FeatureSketch: _feature_sketch(),
     m.ModelInstructions: _model_instructions(),
     m.Ack: st.builds(m.Ack, stored=st.integers(0, 10**9)),
 }

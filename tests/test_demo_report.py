@@ -329,3 +329,26 @@ def test_privacy_keys_and_section(tmp_path: Path, full_report, histograms) -> No
     assert "| 0.5 | 0.6301 |" in section and "| 4 | 0.6555 |" in section
     assert "| federated_dp_epsilon_1 | 0.6444 | 0.4987 | 0.99% |" in section
     assert "](privacy.png)" in section
+
+
+def test_markdown_says_why_training_stopped(tmp_path: Path, full_report, histograms) -> None:
+    because = "validation loss did not improve for 5 rounds (best 0.15500 at round 4)"
+    report = {
+        **full_report,
+        "convergence": {
+            "mlp": {
+                "federated_cross_platform": {
+                    "stopped_because": because,
+                    "rounds_run": 9,
+                    "best_round": 4,
+                    "local_steps": 309,
+                }
+            }
+        },
+    }
+    write_report(report, histograms, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert f"- federated + cross-platform totals: {because}; 309 local steps a round." in md
+    assert "on the validation people" in md
+    write_report(full_report, histograms, tmp_path / "without")  # older reports: no lines
+    assert "local steps a round" not in (tmp_path / "without" / "report.md").read_text()

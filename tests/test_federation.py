@@ -143,6 +143,7 @@ def test_no_raw_rows_cross_the_wire(federation, ledgers) -> None:  # type: ignor
         "query.feature_stats": ({"secure-sum"}, set()),
         "train": ({"secure-sum"}, set()),
         "evaluate": ({"secure-sum"}, set()),
+        "query.feature_sketch": ({"secure-sum"}, set()),
         "query.match_start": ({"payload"}, set()),
         "query.match_blind": ({"payload"}, set()),
         "query.match_done": ({"payload"}, set()),

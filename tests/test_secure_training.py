@@ -23,7 +23,7 @@ from tests.inprocess import InProcessGrid
 from tests.parties import Parties, enrol
 from tests.wire_audit import uniformity
 
-SECURE_KINDS = ("train", "evaluate", "query.feature_stats")
+SECURE_KINDS = ("train", "evaluate", "query.feature_stats", "query.feature_sketch")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,8 @@ def test_secure_model_equals_plain_fedavg(runs) -> None:  # type: ignore[no-unty
 def test_coordinator_holds_no_single_platform_vector(runs) -> None:  # type: ignore[no-untyped-def]
     summary, grid, out = runs[True]
     replies = [r for r in grid.received if r.metadata.message_type in SECURE_KINDS]
-    assert len(replies) == 3 * (1 + 3 + 3 + 1)  # scaler, 3 train, 3 evaluate, final evaluate
+    # scaler, feature sketch, scaler of the robust features, 3 train, 3 evaluate, final evaluate
+    assert len(replies) == 3 * (3 + 3 + 3 + 1)
     for reply in replies:
         content = reply.content
         assert not content.array_records and not content.metric_records

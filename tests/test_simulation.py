@@ -61,6 +61,11 @@ def test_demo_on_simulation_engine(tmp_path: Path) -> None:
     assert 0.6 < report["bayes_auc"] < 0.9
     queries = report["queries"]
     assert queries["all_totals_match"] is True and queries["mismatches"] == 0
+    # Training reports why it stopped (server/convergence.py), for every model it trained.
+    for key in ("federated", "federated_cross_platform"):
+        entry = report["convergence"]["lr"][key]
+        assert 1 <= entry["best_round"] <= entry["rounds_run"] <= 3
+        assert entry["stopped_because"] and entry["local_steps"] >= 20
     # Every platform checked the totals it received for each of its own borrowers.
     assert queries["checked"] >= queries["count"] > 0
     assert queries["contributors"] == ["platform-01", "platform-02", "platform-03"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from protocols.packing import debt_profile_layout
+from server.settings import FederationSettings
 from tests.conftest import REPO
 from tests.wire_audit import (
     DEBT_PROFILE_REPLY,
@@ -74,6 +74,8 @@ class AuditRun:
     own_tokens: dict[int, set[str]]  # partition -> its ledger's tokens
     own_profiles: dict[int, set[tuple[int, int, int]]]  # partition -> its (debt, loans, flag) rows
     private_key: Any
+    # platform -> labelled rows per split (train, validation, test) under the run's settings
+    split_rows: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def _private_key_for_run(parties_dir: Path) -> Any:
@@ -137,8 +139,18 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditRun]:
     coordinator, platforms = load_views(records_dir)
     own_tokens: dict[int, set[str]] = {}
     own_profiles: dict[int, set[tuple[int, int, int]]] = {}
+    split_rows: dict[str, dict[str, int]] = {}
+    run = FederationSettings()  # the demo keeps the default shares
     for pid, location in enumerate(ledgers):
         pdata = load_platform_data(location)
+        split_rows[pdata.platform] = {
+            split: int(
+                (
+                    pdata.labelled & pdata.split_mask(split, run.test_share, run.validation_share)
+                ).sum()
+            )
+            for split in ("train", "validation", "test")
+        }
         own_tokens[pid] = set(pdata.features.tokens)
         own_profiles[pid] = {tuple(int(v) for v in row) for row in pdata.profiles}  # type: ignore[misc]
     yield AuditRun(
@@ -149,6 +161,7 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditRun]:
         own_tokens=own_tokens,
         own_profiles=own_profiles,
         private_key=_private_key_for_run(fed_out.parent / "parties"),
+        split_rows=split_rows,
     )
 
 
@@ -327,33 +340,48 @@ def test_training_sums_are_right_and_only_full_sums_decode(audit: AuditRun) -> N
 
     groups = secure_sum_groups(audit.coordinator, audit.platforms)
     assert groups, "no secure sums recorded"
-    summary = json.loads((audit.out_dir / "federation.json").read_text())
-    rows = {p["platform"]: p for p in summary["platform_details"]}
     full = partial = 0
     for group in groups:
         spec = group.spec
         assert len(group.replies) == len(spec.participants), "a sum with missing replies"
         total = ss.unmask_sum(list(group.replies.values()), spec)
         full += 1
-        train_rows = sum(rows[p]["train_rows"] for p in spec.participants)
-        test_rows = sum(rows[p]["test_rows"] for p in spec.participants)
         where = (group.message_type, spec.round_id)
+
+        def people(split: str, parts: tuple[str, ...] = tuple(spec.participants)) -> int:
+            return sum(audit.split_rows[p][split] for p in parts)
+
         if group.message_type == "query.gbdt_sketch":
+            # Boosting has no early stopping: it trains on the validation people too.
+            train_rows = people("train") + people("validation")
             assert total["labels"][0] == train_rows, where
             assert np.all(total["counts"].sum(axis=1) == train_rows), where
         elif group.message_type == "query.gbdt_level":
             if "hist-pos" in total:  # level 0: the root holds every training row
+                train_rows = people("train") + people("validation")
                 assert np.all(total["count"][0].sum(axis=-1) == train_rows), where
-                assert total["hist-pos"].sum() + total["hist-neg"].sum() == test_rows, where
+                assert total["hist-pos"].sum() + total["hist-neg"].sum() == people("test"), where
             assert np.all(total["hess"] >= 0) and np.all(total["count"] >= 0), where
+        elif group.message_type == "query.gbdt_evaluate":
+            assert total["n"] == people("test"), where
         else:
-            expected = {
-                "query.feature_stats": train_rows,
-                "train": train_rows,
-                "evaluate": test_rows,
-                "query.gbdt_evaluate": test_rows,
-            }[group.message_type]
-            assert total["n"] == expected, where
+            # Training sums are over the training people; each round's evaluation over the
+            # validation people (early stopping), the final one over the test people.
+            split = {
+                "query.feature_stats": "train",
+                "train": "train",
+                "query.feature_sketch": "train",
+            }
+            expected = split.get(group.message_type) or (
+                "test" if spec.round_id.endswith("final-evaluate") else "validation"
+            )
+            if group.message_type == "query.feature_sketch":
+                # A feature's rows with its missing flag set are left out; unflagged ones
+                # count all.
+                n = int(np.rint(total["sketch"]).sum(axis=1).max())
+            else:
+                n = total["n"]
+            assert n == people(expected), where
         for size in range(1, len(spec.participants)):
             for subset in itertools.combinations(group.replies.values(), size):
                 words = sum(

@@ -540,6 +540,7 @@ SECURE_SUM_TYPES = (
     "train",
     "evaluate",
     "query.feature_stats",
+    "query.feature_sketch",
     # Federated boosting: bin-edge sketch counts, per-level histograms, final evaluation.
     "query.gbdt_sketch",
     "query.gbdt_level",

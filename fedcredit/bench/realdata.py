@@ -132,7 +132,9 @@ def _pooled_rows(
     parts = []
     for data in platforms:
         X = data.features.X[:, [data.features.names.index(n) for n in features]]
-        parts.append(baselines._split(data, X, test_share))
+        # Every non-test row trains (no validation share): (train, validation, test) rows.
+        (X_tr, y_tr), _, (X_te, y_te) = baselines._split(data, X, test_share, 0.0)
+        parts.append((X_tr, y_tr, X_te, y_te))
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]
 
 

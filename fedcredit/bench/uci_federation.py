@@ -46,12 +46,14 @@ def run(csv: Path, rounds: int = 20, model: str = "mlp,lr") -> dict[str, object]
             "gap": round(central - fed, 4),
             "within_0_01": abs(central - fed) < 0.01,
             "ratio_federated_over_centralized_gini": round((2 * fed - 1) / (2 * central - 1), 3),
+            **report["convergence"][kind].get("federated", {}),
         }
     return {
         "benchmark": "uci",
         "data": str(csv.name),
         "rounds": rounds,
-        "baseline": "centralized model on pooled raw data, same features, same passes",
+        "baseline": "centralized model on pooled raw data, same features, transforms, "
+        "validation split and stopping rule",
         "models": models,
         "local_only": report["local_only"],
         "queries": {k: report["queries"].get(k) for k in ("count", "tokens_per_second")},

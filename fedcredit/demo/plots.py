@@ -209,9 +209,9 @@ def training_figure(
     for (label, value), ls in zip(references.items(), ("--", ":", "-."), strict=False):
         ax.axhline(value, ls=ls, lw=1.2, c="0.3", label=f"{label} (AUC {value:.4f})")
     ax.set_xlabel("federated round")
-    ax.set_ylabel("held-out AUC")
+    ax.set_ylabel("validation AUC")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("Held-out AUC per training round")
+    ax.set_title("Validation AUC per training round")
     fig.legend(loc="outside lower center", ncols=2, fontsize="small")
     return fig
 

@@ -30,6 +30,7 @@ from clients.platform_data import PlatformData
 from fedcredit.demo import baselines
 from fedcredit.privacy.membership import Fit, Predict, membership_inference
 from protocols.model import TrainConfig, build_model, predict_proba
+from protocols.robust_features import RobustTransform
 from protocols.scaling import Scaler
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,13 @@ def _saved_model(directory: Path, kind: str, feature_set: str) -> Predict:
     model = build_model(kind, len(meta["features"]))
     model.load_state_dict(torch.load(directory / meta["weights_file"], weights_only=True))
     scaler = Scaler(np.asarray(meta["scaler"]["mean"]), np.asarray(meta["scaler"]["std"]))
-    return lambda X: predict_proba(model, scaler.transform(X))
+    spec = meta.get("robust_transform")
+    robust = RobustTransform.from_dict(spec) if spec else None
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        return predict_proba(model, scaler.transform(X if robust is None else robust.transform(X)))
+
+    return predict
 
 
 def _shadow_fit(kind: str, passes: int, cfg: TrainConfig) -> Fit:

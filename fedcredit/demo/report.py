@@ -421,7 +421,27 @@ def _training_table(r: Mapping[str, Any]) -> list[str]:
                 ]
             )
     head = ["model", "rounds", "first-round AUC", "final AUC", "best AUC", "final loss"]
-    return _table(head, rows) if rows else []
+    return (_table(head, rows) + _stopping_lines(r)) if rows else []
+
+
+def _stopping_lines(r: Mapping[str, Any]) -> list[str]:
+    """Why each training of the primary model stopped (``report["convergence"]``)."""
+    kind = r.get("primary_model")
+    by_kind = _sub(r, "convergence")
+    entries = by_kind.get(kind) if isinstance(kind, str) else None
+    if not isinstance(entries, Mapping):
+        return []
+    lines = [""]
+    for key, entry in entries.items():
+        if isinstance(entry, Mapping) and isinstance(entry.get("stopped_because"), str):
+            steps = entry.get("local_steps")
+            lines.append(
+                f"- {plots.name_of(key)}: {entry['stopped_because']}; {steps} local steps a round."
+            )
+    if len(lines) == 1:
+        return []
+    note = "AUC and loss per round are on the validation people (never the test people)."
+    return [*lines, "", note]
 
 
 def _queries_table(r: Mapping[str, Any]) -> list[str]:

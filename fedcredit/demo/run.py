@@ -42,6 +42,7 @@ from server.federation import load_histograms
 log = logging.getLogger(__name__)
 
 Step = Callable[[str, int, int, str], None]
+CONVERGENCE_KEYS = ("rounds_run", "best_round", "stopped_because", "local_steps", "log_transformed")
 
 
 class DemoError(RuntimeError):
@@ -398,6 +399,11 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
                 platforms, kind, features, True, opts.test_share, opts.rounds, cfg
             )
         entry["centralized"] = central.metrics
+        # The pooled yardstick stops by the same rule as the federation (baselines.py).
+        entry["centralized_training"] = {
+            "passes_run": central.passes_run,
+            "best_pass": central.best_pass,
+        }
         by_model[kind] = entry
         central_hists[kind] = central.histogram
         if kind == primary:
@@ -494,6 +500,19 @@ def run_demo(opts: DemoOptions, step: Step) -> tuple[dict[str, Any], list[Path]]
         "training": {
             "federated": models.get("local", {}).get("history", []),
             "federated_cross_platform": models.get("cross", {}).get("history", []),
+        },
+        # Why each federated training stopped, after how many rounds, with how many local
+        # steps a round and which features were log-transformed; by model kind.
+        "convergence": {
+            kind: {
+                key: {k: entry[k] for k in CONVERGENCE_KEYS if k in entry}
+                for key, feature_set in (
+                    ("federated", "local"),
+                    ("federated_cross_platform", "cross"),
+                )
+                if (entry := fed["models"][kind].get(feature_set))
+            }
+            for kind in kinds
         },
         "queries": queries,
         "secure_aggregation": fed.get("secure_aggregation"),
