@@ -261,7 +261,9 @@ def _dp_round(req: m.ModelInstructions, rows: int, ctx: Context) -> DPSGD | None
         req.dp_clip_norm,
         rows,
         req.batch_size,
-        req.epochs,
+        # The epochs this round really runs (at least ``local_steps`` steps): the noise must
+        # be planned for every step taken, or the budget is overspent.
+        local_epochs(req.epochs, req.local_steps, rows, req.batch_size),
         req.total_rounds,
     )
     done = max(req.server_round - 1, 0) * budget.steps_per_round

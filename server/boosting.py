@@ -164,7 +164,10 @@ class Summer:
 
     def scaler(self, feature_set: str, features: list[str]) -> Scaler:
         if self.rounds is None:
-            return federated_scaler(self.grid, self.nodes, feature_set, features, self.settings)
+            # Boosting has no early stopping, so it trains on the validation people too: its
+            # scaler is over the same rows (validation share 0), secure or plain.
+            whole = self.settings.model_copy(update={"validation_share": 0.0})
+            return federated_scaler(self.grid, self.nodes, feature_set, features, whole)
         from server import secure_aggregation as sa
 
         request = m.FeatureStatsRequest(

@@ -354,7 +354,7 @@ def train_federated(
             settings.dp_epsilon,
             settings.dp_delta,
             settings.dp_clip_norm,
-            result.train_metrics_clientapp.get(settings.num_rounds),
+            result.train_metrics.get(result.rounds_run),  # early stopping: rounds actually run
             len(rounds.live) if rounds is not None else len(nodes),
         ),
         robust=robust,
