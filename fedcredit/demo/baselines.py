@@ -73,6 +73,17 @@ class Fit:
     best_pass: int = 0
     # Raw (unscaled) rows -> default probabilities: what a membership attack queries.
     predict: Callable[[np.ndarray], np.ndarray] | None = None
+    # With DP-SGD: the budget, the noise and what the accountant says was spent.
+    privacy: dict[str, object] | None = None
+
+
+@dataclass(frozen=True)
+class PooledDP:
+    """DP-SGD for a pooled model: the demo's DP federations' budget and clipping norm."""
+
+    epsilon: float
+    delta: float
+    clip_norm: float
 
 
 def train_pooled(
@@ -106,10 +117,12 @@ def fit_and_score(
     validation: Rows | None = None,
     names: list[str] | None = None,
     training: PooledTraining = PooledTraining(),
+    dp: PooledDP | None = None,
 ) -> Fit:
     """Train on ``X_train`` and score ``X_test``; ``validation`` rows (when given) stop
     training by the federation's rule, ``names`` tell the robust transform which columns are
-    missing-value flags."""
+    missing-value flags. ``dp`` trains with DP-SGD (``protocols.dp``), its noise planned for
+    every pass, as a DP federation plans it for every round."""
     if kind in TREE_KINDS:
         if validation is not None:  # boosting has no early stopping: it trains on both
             X_train = np.concatenate([X_train, validation[0]])
@@ -139,11 +152,19 @@ def fit_and_score(
         len(y_train),
         cfg.batch_size,
     )
+    budget = None
+    if dp is not None:
+        from protocols.dp import DPSGD, plan
+
+        budget = plan(
+            dp.epsilon, dp.delta, dp.clip_norm, len(y_train), cfg.batch_size, epochs, passes
+        )
     stop_early = training.validation_share > 0 and len(validation[1]) > 0
     stopper = EarlyStopping(patience=training.patience if stop_early else 0)
     passes_run = 0
     for p in range(passes):
         lr = scheduled_lr(cfg.learning_rate * stopper.lr_scale, "cosine", p + 1, passes)
+        dp_pass = None if budget is None else DPSGD(budget, steps_before=p * budget.steps_per_round)
         train_local(
             model,
             Xs,
@@ -151,6 +172,7 @@ def fit_and_score(
             TrainConfig(
                 **{**cfg.__dict__, "seed": cfg.seed + p, "learning_rate": lr, "epochs": epochs}
             ),
+            dp_pass,
         )
         passes_run = p + 1
         if stop_early:
@@ -166,6 +188,20 @@ def fit_and_score(
         return predict_proba(model, prepare(X))
 
     scores = predict(X_test)
+    privacy = None
+    if budget is not None:
+        from protocols.dp import ACCOUNTANT, MECHANISM
+
+        privacy = {
+            "epsilon": budget.epsilon,
+            "delta": budget.delta,
+            "mechanism": MECHANISM,
+            "accountant": ACCOUNTANT,
+            "clipping_norm": budget.clip_norm,
+            "noise_multiplier": round(budget.noise_multiplier, 4),
+            # The passes stopped early spend nothing: the accountant counts the steps taken.
+            "epsilon_spent": round(budget.spent(passes_run * budget.steps_per_round), 4),
+        }
     return Fit(
         exact_auc_ks(y_test, scores),
         ScoreHistogram.of(scores, y_test),
@@ -174,6 +210,7 @@ def fit_and_score(
         passes_run,
         best_pass,
         predict,
+        privacy,
     )
 
 
@@ -249,8 +286,10 @@ def centralized(
     cfg: TrainConfig,
     boost: BoostParams | None = None,
     training: PooledTraining = PooledTraining(),
+    dp: PooledDP | None = None,
 ) -> Fit:
-    """One model on every platform's rows pooled; ``cross`` adds totals joined by token."""
+    """One model on every platform's rows pooled; ``cross`` adds totals joined by token;
+    ``dp`` trains it with DP-SGD."""
     totals = pooled_totals(platforms) if cross else {}
     names = [*features, *CROSS_PLATFORM_FEATURES] if cross else features
     parts = []
@@ -277,6 +316,7 @@ def centralized(
         validation=validation,
         names=names,
         training=training,
+        dp=dp,
     )
 
 

@@ -2,12 +2,15 @@
 
 ``server_app`` is the demo's ServerApp: the bureau's whole run (``run_federation``) and then,
 on the same simulated platforms, one train-only federation of the primary model per epsilon
-of the sweep with DP-SGD on (``dp-epsilon``), each into its own directory. One simulation
-engine start serves them all.
+of the sweep with DP-SGD on (``dp-epsilon``), each into its own directory. At the headline
+epsilon that federation trains the cross-platform feature set too (stages ``train,cross``):
+the totals the bureau's run delivered are still in each node's state (the same run), so no
+second private query is needed. One simulation engine start serves them all.
 
 ``attack_models`` then runs both membership-inference attacks (``fedcredit.privacy``)
-against every model the demo trained: the centralized yardstick, the federated models with
-and without cross-platform totals, and the DP federated models. Members are the training rows
+against every model the demo trained: the centralized yardstick and its DP-SGD twin, the
+federated models with and without cross-platform totals, and the DP federated models (own
+features at every epsilon, cross-platform at the headline one). Members are the training rows
 of the platforms, non-members their held-out borrowers; the demo holds every ledger (it builds
 the pooled yardstick too), so it can play the attacker with the model's scores for any row.
 """
@@ -50,15 +53,18 @@ def sweep_overrides(
     clip_norm: float,
     batch_size: int,
     learning_rate: float,
+    cross_at: float | None = None,
 ) -> list[dict[str, object]]:
     """Run-config overrides of each DP federation: train only, the primary model only.
 
     DP-SGD gets its own batch size and learning rate: its noise is added once per batch, so
     larger batches (and a step size to match) carry more signal per unit of noise.
+    At epsilon ``cross_at`` the federation trains the cross-platform feature set too, on the
+    totals the bureau's run delivered to every node earlier in the same run (node state).
     """
     return [
         {
-            "stages": "train",
+            "stages": "train,cross" if cross_at is not None and e == cross_at else "train",
             "model": primary,
             "dp-epsilon": float(e),
             "dp-delta": delta,
@@ -72,7 +78,8 @@ def sweep_overrides(
 
 
 def server_app(overrides: Mapping[str, object], sweep: Sequence[Mapping[str, object]]) -> ServerApp:
-    """The bureau's run, then each DP federation of the sweep, on the same grid."""
+    """The bureau's run, then each DP federation of the sweep, on the same grid (the
+    cross-platform one only where the bureau's run delivered totals)."""
     from server.federation import run_federation
     from server.settings import FederationSettings
 
@@ -81,8 +88,10 @@ def server_app(overrides: Mapping[str, object], sweep: Sequence[Mapping[str, obj
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         base = {**dict(context.run_config), **dict(overrides)}
-        run_federation(grid, FederationSettings.from_run_config(base))
+        done = run_federation(grid, FederationSettings.from_run_config(base))
         for extra in sweep:
+            if "cross" not in done["features"]:  # no totals delivered: own features only
+                extra = {**extra, "stages": "train"}
             run_federation(grid, FederationSettings.from_run_config({**base, **extra}))
 
     return app
@@ -98,6 +107,13 @@ def read_sweep(fed_out: Path, primary: str, epsilons: Sequence[float]) -> list[d
         entry = summary["models"][primary]["local"]
         out.append({"auc": entry["auc"], "ks": entry["ks"], "n": entry["n"], **entry["privacy"]})
     return out
+
+
+def read_cross(fed_out: Path, primary: str, epsilon: float) -> dict[str, Any]:
+    """The DP cross-platform federation's held-out metrics and privacy record."""
+    summary = json.loads((dp_dir(fed_out, epsilon) / "federation.json").read_text())
+    entry = summary["models"][primary]["cross"]
+    return {"auc": entry["auc"], "ks": entry["ks"], "n": entry["n"], **entry["privacy"]}
 
 
 def _saved_model(directory: Path, kind: str, feature_set: str) -> Predict:
@@ -143,8 +159,13 @@ def attack_models(
     passes: int,
     cfg: TrainConfig,
     seed: int,
+    centralized_dp: tuple[float, Predict] | None = None,
+    cross_dp_epsilon: float | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Model name -> both attacks' results (the stronger one as the headline)."""
+    """Model name -> both attacks' results (the stronger one as the headline).
+
+    ``centralized_dp`` is the pooled DP-SGD model (its epsilon, its predictor);
+    ``cross_dp_epsilon`` the epsilon whose DP federation also trained the cross feature set."""
     fit = _shadow_fit(kind, passes, cfg)
     rows = {
         fs: baselines.pooled_rows(platforms, features, fs == "cross", test_share)
@@ -153,12 +174,19 @@ def attack_models(
     targets: list[tuple[str, str, Predict]] = []
     if centralized is not None:
         targets.append(("centralized", "cross" if "cross" in rows else "local", centralized))
+    if centralized_dp is not None:
+        name = f"centralized_dp_epsilon_{centralized_dp[0]:g}"
+        targets.append((name, "cross" if "cross" in rows else "local", centralized_dp[1]))
     targets.append(("federated", "local", _saved_model(fed_out, kind, "local")))
     if "cross" in rows:
         targets.append(("federated_cross_platform", "cross", _saved_model(fed_out, kind, "cross")))
     for e in sweep_epsilons:
         dp_model = _saved_model(dp_dir(fed_out, e), kind, "local")
         targets.append((f"federated_dp_epsilon_{e:g}", "local", dp_model))
+    if cross_dp_epsilon is not None and "cross" in rows:
+        dp_cross = _saved_model(dp_dir(fed_out, cross_dp_epsilon), kind, "cross")
+        name = f"federated_cross_platform_dp_epsilon_{cross_dp_epsilon:g}"
+        targets.append((name, "cross", dp_cross))
     out: dict[str, dict[str, Any]] = {}
     for name, feature_set, predict in targets:
         X_tr, y_tr, X_te, y_te = rows[feature_set]

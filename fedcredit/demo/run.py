@@ -158,6 +158,7 @@ def _run_simulation(
             opts.dp_clip_norm,
             opts.dp_batch_size,
             opts.dp_learning_rate,
+            _headline_epsilon(opts) if "cross" in opts.stages.split(",") else None,
         )
         server_app = privacy.server_app(overrides, sweep)
     else:
@@ -252,6 +253,14 @@ def _calibration_by_model(
     return out
 
 
+def _headline_epsilon(opts: DemoOptions) -> float | None:
+    """The report's ``dp`` epsilon: 1 if swept, else the first; the DP centralized and DP
+    cross-platform models are trained at it only."""
+    if not opts.dp_epsilons:
+        return None
+    return 1.0 if 1.0 in opts.dp_epsilons else opts.dp_epsilons[0]
+
+
 def _privacy(
     opts: DemoOptions,
     fed: dict[str, Any],
@@ -267,8 +276,23 @@ def _privacy(
     primary = opts.model.split(",")[0]
     if primary in TREE_KINDS:  # DP-SGD and the attacks' model loading are for torch models
         return {"dp": None, "dp_sweep": [], "membership_inference": {}}
-    step("privacy", 0, 0, "membership-inference attacks")
     sweep = privacy.read_sweep(fed_out, primary, opts.dp_epsilons)
+    has_cross = "cross" in fed["features"]
+    e = _headline_epsilon(opts)
+    central_dp = cross_dp = None
+    if e is not None:
+        step("privacy", 0, 0, f"DP-SGD centralized model at epsilon {e:g}")
+        dp_cfg = TrainConfig(
+            learning_rate=opts.dp_learning_rate, batch_size=opts.dp_batch_size, seed=opts.seed
+        )
+        budget = baselines.PooledDP(e, opts.dp_delta, opts.dp_clip_norm)
+        features = fed["features"]["local"]
+        central_dp = baselines.centralized(
+            platforms, primary, features, has_cross, opts.test_share, opts.rounds, dp_cfg, dp=budget
+        )
+        if has_cross:
+            cross_dp = privacy.read_cross(fed_out, primary, e)
+    step("privacy", 0, 0, "membership-inference attacks")
     attacks = privacy.attack_models(
         platforms,
         primary,
@@ -281,13 +305,24 @@ def _privacy(
         opts.rounds,
         cfg,
         opts.seed,
+        centralized_dp=None if central_dp is None else (e, central_dp.predict),
+        cross_dp_epsilon=e if cross_dp is not None else None,
     )
     for entry in sweep:
         attack = attacks[f"federated_dp_epsilon_{entry['epsilon']:g}"]
         entry.update(attack_auc=attack["attack_auc"], tpr_at_1pct_fpr=attack["tpr_at_1pct_fpr"])
         entry["batch_size"], entry["learning_rate"] = opts.dp_batch_size, opts.dp_learning_rate
-    headline = next((s for s in sweep if s["epsilon"] == 1.0), sweep[0] if sweep else None)
-    return {"dp": headline, "dp_sweep": sweep, "membership_inference": attacks}
+    headline = next((s for s in sweep if s["epsilon"] == e), None)
+    extra: dict[str, Any] = {}
+    if central_dp is not None:
+        extra["centralized_dp"] = {**central_dp.metrics, **(central_dp.privacy or {})}
+    if cross_dp is not None:
+        extra["federated_cross_platform_dp"] = cross_dp
+    for key, entry in extra.items():
+        attack = attacks[f"{key.removesuffix('_dp')}_dp_epsilon_{e:g}"]
+        entry.update(attack_auc=attack["attack_auc"], tpr_at_1pct_fpr=attack["tpr_at_1pct_fpr"])
+        entry["batch_size"], entry["learning_rate"] = opts.dp_batch_size, opts.dp_learning_rate
+    return {"dp": headline, "dp_sweep": sweep, **extra, "membership_inference": attacks}
 
 
 def _with_model_aucs(
@@ -302,6 +337,11 @@ def _with_model_aucs(
         "federated": (fed_m or {}).get("auc"),
         "federated_cross_platform": (cross_m or {}).get("auc"),
         **{f"federated_dp_epsilon_{s['epsilon']:g}": s["auc"] for s in privacy["dp_sweep"]},
+        **{
+            f"{key.removesuffix('_dp')}_dp_epsilon_{privacy[key]['epsilon']:g}": privacy[key]["auc"]
+            for key in ("centralized_dp", "federated_cross_platform_dp")
+            if privacy.get(key)
+        },
     }
     attacks = {
         name: {"model_auc": aucs.get(name), **result}
