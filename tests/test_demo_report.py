@@ -44,6 +44,12 @@ _ATTACK = {"strongest": "shadow_model", "loss_threshold": {"attack_auc": 0.5007}
 MEMBERSHIP = {
     "centralized": {"model_auc": 0.71, "attack_auc": 0.5123, "tpr_at_1pct_fpr": 0.0131, **_ATTACK},
     "federated": {"model_auc": 0.66, "attack_auc": 0.5034, "tpr_at_1pct_fpr": 0.0102, **_ATTACK},
+    "centralized_dp_epsilon_1": {
+        "model_auc": 0.6602,
+        "attack_auc": 0.4991,
+        "tpr_at_1pct_fpr": 0.0098,
+        **_ATTACK,
+    },
     "federated_dp_epsilon_1": {
         "model_auc": 0.6444,
         "attack_auc": 0.4987,
@@ -111,6 +117,7 @@ def full_report(histograms: dict[str, ScoreHistogram]) -> dict:
         "calibration_detail": {"model": "federated_cross_platform", **fcp_cal},
         "dp": DP_SWEEP[1],
         "dp_sweep": DP_SWEEP,
+        "centralized_dp": {**DP_SWEEP[1], "auc": 0.6602, "ks": 0.21, "epsilon_spent": 0.998},
         "membership_inference": MEMBERSHIP,
         "secure_aggregation": False,
         "local_only": local,
@@ -328,6 +335,12 @@ def test_privacy_keys_and_section(tmp_path: Path, full_report, histograms) -> No
     assert "epsilon 1, delta 1e-05**: AUC 0.6444" in section
     assert "| 0.5 | 0.6301 |" in section and "| 4 | 0.6555 |" in section
     assert "| federated_dp_epsilon_1 | 0.6444 | 0.4987 | 0.99% |" in section
+    # The DP twin of the centralized model: in report.json, its line and its attack's row.
+    assert back["centralized_dp"]["epsilon"] == 1.0
+    auc_drop = 0.6602 - back["centralized"]["auc"]
+    assert f"pooled DP-SGD) at epsilon 1**: AUC 0.6602, KS 0.2100 ({auc_drop:+.4f}" in section
+    assert "| centralized_dp_epsilon_1 | 0.6602 | 0.4991 | 0.98% |" in section
+    assert "cross-platform totals at epsilon" not in section  # not in this report: no line
     assert "](privacy.png)" in section
 
 

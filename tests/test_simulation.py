@@ -80,8 +80,22 @@ def test_demo_on_simulation_engine(tmp_path: Path) -> None:
     assert 0.95 <= dp["epsilon_spent"] <= 1.0 and "DP-SGD" in dp["mechanism"]
     meta = json.loads((out / "federation" / "dp" / "epsilon-1" / "model-lr-local.json").read_text())
     assert meta["privacy"]["epsilon_spent"] == dp["epsilon_spent"]
-    attacked = {"centralized", "federated", "federated_cross_platform", "federated_dp_epsilon_1"}
+    # Every model with and without DP: the DP cross-platform federation reused the totals the
+    # bureau's run left in each node's state; the DP centralized model is pooled DP-SGD.
+    attacked = {
+        *("centralized", "federated", "federated_cross_platform"),
+        *("centralized_dp_epsilon_1", "federated_dp_epsilon_1"),
+        "federated_cross_platform_dp_epsilon_1",
+    }
     assert set(report["membership_inference"]) == attacked
+    cross_meta = out / "federation" / "dp" / "epsilon-1" / "model-lr-cross.json"
+    assert json.loads(cross_meta.read_text())["privacy"]["epsilon_spent"] <= 1.0
+    for key in ("centralized_dp", "federated_cross_platform_dp"):
+        entry = report[key]
+        assert entry["epsilon"] == 1.0 and 0.0 < entry["epsilon_spent"] <= 1.0
+        assert (
+            report["membership_inference"][f"{key[:-3]}_dp_epsilon_1"]["model_auc"] == entry["auc"]
+        )
     for result in report["membership_inference"].values():
         assert 0.0 <= result["attack_auc"] <= 1.0 and 0.0 <= result["tpr_at_1pct_fpr"] <= 1.0
     assert report["secure_aggregation"] is True  # the demo's default: DP under secure sums

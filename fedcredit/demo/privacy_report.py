@@ -85,6 +85,24 @@ def privacy_lines(report: Mapping[str, Any]) -> list[str]:
         )
     else:
         lines.append("- **Differential privacy**: off in this run (no `dp-epsilon`).")
+    for key, label, base in (
+        ("centralized_dp", "DP centralized model (pooled DP-SGD)", "centralized"),
+        (
+            "federated_cross_platform_dp",
+            "DP federated model with cross-platform totals",
+            "federated_cross_platform",
+        ),
+    ):
+        other = report.get(key)
+        if not other:
+            continue
+        plain = (report.get(base) or {}).get("auc")
+        lines.append(
+            f"- **{label} at epsilon {other['epsilon']:g}**: AUC {_f(other.get('auc'))}, "
+            f"KS {_f(other.get('ks'))}"
+            + (f" ({other['auc'] - plain:+.4f} against the same model without DP)" if plain else "")
+            + f", epsilon spent {other.get('epsilon_spent')}."
+        )
     sweep = report.get("dp_sweep") or []
     if sweep:
         lines += [
