@@ -189,3 +189,19 @@ def test_a_rerun_round_counts_against_the_budget(dp_federation) -> None:  # type
     assert metrics["dp-steps"] == steps + per_round  # both rounds, then this re-run
     assert steps >= 2 * per_round
     assert metrics["dp-epsilon-spent"] > 2.0  # over budget, and reported as such
+
+
+def test_pooled_dp_model_spends_its_budget_over_every_pass() -> None:
+    """The demo's DP centralized model: DP-SGD planned over all passes, as a DP federation
+    plans it over all rounds, and the accountant ends at the budget."""
+    from fedcredit.demo.baselines import PooledDP, fit_and_score
+
+    X, y = _rows()
+    X_test, y_test = _rows(300, seed=1)
+    cfg = TrainConfig(learning_rate=0.2, batch_size=100, seed=3)
+    fit = fit_and_score("lr", X, y, X_test, y_test, passes=3, cfg=cfg, dp=PooledDP(1.0, 1e-5, 3.0))
+    assert fit.privacy is not None and fit.passes_run == 3
+    assert fit.privacy["epsilon"] == 1.0 and 0.95 <= fit.privacy["epsilon_spent"] <= 1.0
+    assert fit.privacy["noise_multiplier"] > 0 and 0.0 <= fit.metrics["auc"] <= 1.0
+    plain = fit_and_score("lr", X, y, X_test, y_test, passes=3, cfg=cfg)
+    assert plain.privacy is None
