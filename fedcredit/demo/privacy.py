@@ -71,6 +71,9 @@ def sweep_overrides(
             "dp-clip-norm": clip_norm,
             "batch-size": batch_size,
             "learning-rate": learning_rate,
+            # One local epoch a round: DP-SGD pays for every step, and the bureau's automatic
+            # minimum of steps (protocols/local_work.py) would multiply them, and the noise.
+            "local-steps": 1,
             "out-dir": str(dp_dir(fed_out, e)),
         }
         for e in epsilons
