@@ -386,19 +386,7 @@ def _match_done(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     what = "query.match_done"
     req = m.MatchDone.from_content(msg.content, what)
     session = matching.load_session(ctx, req.session_id, what)
-    if session.fully:
-        raise m.ProtocolError(f"{what}: session {req.session_id} is already finished")
-    if req.count != len(session.perm):
-        raise m.ProtocolError(f"{what}: {req.count} elements for a list of {len(session.perm)}")
-    try:
-        elements = blinding.elements_from_bytes(
-            req.elements, max_count=m.MAX_ELEMENTS_PER_LIST, what=what
-        )
-    except blinding.InvalidGroupElement as exc:
-        raise m.ProtocolError(f"{what}: {exc}") from exc
-    if len(set(elements)) != len(elements):
-        raise m.ProtocolError(f"{what}: the fully blinded list has repeated elements")
-    session.fully = req.elements
+    matching.accept_fully_blinded(session, req, what)
     # Every re-blinding of this session is over: forget the secret, so that nothing kept in
     # node state can later link this session's pseudonyms to anything.
     session.secret = b""

@@ -81,19 +81,7 @@ def _serve_done(msg: Message, ctx: Context, _data: PlatformData) -> RecordDict:
     session = matching.load_session(ctx, req.session_id, what)
     if not session.serving_until:
         raise m.ProtocolError(f"{what}: session {req.session_id} is not a serving session")
-    if session.fully:
-        raise m.ProtocolError(f"{what}: session {req.session_id} is already finished")
-    if req.count != len(session.perm):
-        raise m.ProtocolError(f"{what}: {req.count} elements for a list of {len(session.perm)}")
-    try:
-        elements = blinding.elements_from_bytes(
-            req.elements, max_count=m.MAX_ELEMENTS_PER_LIST, what=what
-        )
-    except blinding.InvalidGroupElement as exc:
-        raise m.ProtocolError(f"{what}: {exc}") from exc
-    if len(set(elements)) != len(elements):
-        raise m.ProtocolError(f"{what}: the fully blinded list has repeated elements")
-    session.fully = req.elements  # the secret stays: lenders' applicants need it
+    matching.accept_fully_blinded(session, req, what)  # the secret stays: lenders need it
     matching.save_session(ctx, session)
     return m.Ack(stored=req.count).to_content()
 

@@ -119,6 +119,28 @@ _lookup_lock = threading.Lock()
 _lookups: OrderedDict[tuple[int, str], dict[bytes, int]] = OrderedDict()
 
 
+def accept_fully_blinded(session: Session, req: m.MatchDone, what: str) -> None:
+    """Check the platform's own list coming back fully blinded, and keep it in ``session``.
+
+    One check for both ends of matching (a query's and a lender serving session's): finished
+    once, the count sent, valid subgroup elements, and no repeats (a repeat would mean the
+    ring collapsed two borrowers, or a hostile coordinator tried to).
+    """
+    if session.fully:
+        raise m.ProtocolError(f"{what}: session {req.session_id} is already finished")
+    if req.count != len(session.perm):
+        raise m.ProtocolError(f"{what}: {req.count} elements for a list of {len(session.perm)}")
+    try:
+        elements = blinding.elements_from_bytes(
+            req.elements, max_count=m.MAX_ELEMENTS_PER_LIST, what=what
+        )
+    except blinding.InvalidGroupElement as exc:
+        raise m.ProtocolError(f"{what}: {exc}") from exc
+    if len(set(elements)) != len(elements):
+        raise m.ProtocolError(f"{what}: the fully blinded list has repeated elements")
+    session.fully = req.elements
+
+
 def own_rows(context: Context, session: Session) -> dict[bytes, int]:
     """Fully blinded element -> this platform's ledger row, for a finished session."""
     if not session.fully:
