@@ -24,7 +24,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
-from clients import matching
+from clients import channel_worker, matching
 from clients.lender_policy import LENDER_KIND, decide, policy_at, recent_applicants
 from clients.node_identity import node_identity
 from clients.platform_data import PlatformData
@@ -98,8 +98,14 @@ class _LogEntry:
 
 
 def _lender_blind(msg: Message, ctx: Context, location: str) -> RecordDict:
+    return answer_lender_blind(msg.content, ctx, location)
+
+
+def answer_lender_blind(content: RecordDict, ctx: Context, location: str) -> RecordDict:
+    """One hop, whether it came as a Flower message or over the platform channel
+    (``clients/channel_worker.py``): the same checks, log entries and answer."""
     what = "query.lender_blind"
-    req = lm.LenderBlind.from_content(msg.content, what)
+    req = lm.LenderBlind.from_content(content, what)
     session = matching.load_session(ctx, req.session_id, what)
     now = _now()
     if not session.serving_until or not session.fully or not session.secret:
@@ -195,20 +201,25 @@ def _light(
     """
 
     def run(msg: Message, context: Context) -> Message:
-        what = msg.metadata.message_type
-        try:
-            return Message(handler(msg, context, location_of(context)), reply_to=msg)
-        except m.ProtocolError as exc:
-            log.warning("refused %s from the bureau: %s", what, exc)
-            return Message(Error(ERROR_REFUSED, f"refused: {exc}"), reply_to=msg)
-        except Exception as exc:
-            log.exception("could not answer %s", what)
-            return Message(
-                Error(ERROR_FAILED, f"{what} failed: {exc.__class__.__name__}: {exc}"),
-                reply_to=msg,
-            )
+        result = guarded(
+            msg.metadata.message_type, lambda: handler(msg, context, location_of(context))
+        )
+        return Message(result, reply_to=msg)
 
     return run
+
+
+def guarded(what: str, answer: Callable[[], RecordDict]) -> RecordDict | Error:
+    """``answer()``, or the ``Error`` the bureau gets when the platform refuses or fails:
+    a refusal is logged with its reason and never crashes the node."""
+    try:
+        return answer()
+    except m.ProtocolError as exc:
+        log.warning("refused %s from the bureau: %s", what, exc)
+        return Error(ERROR_REFUSED, f"refused: {exc}")
+    except Exception as exc:
+        log.exception("could not answer %s", what)
+        return Error(ERROR_FAILED, f"{what} failed: {exc.__class__.__name__}: {exc}")
 
 
 def register(
@@ -220,3 +231,4 @@ def register(
     app.query("serve_start")(serve(_serve_start))
     app.query("serve_done")(serve(_serve_done))
     app.query("lender_blind")(_light(_lender_blind, location_of))
+    app.query("lender_listen")(_light(channel_worker.listen, location_of))

@@ -45,6 +45,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     init.add_argument("--superlink-port", type=int, default=9092)
     init.add_argument("--keyholder-port", type=int, default=8470)
     init.add_argument(
+        "--serve-port",
+        type=int,
+        default=8480,
+        help="the lender API's port; platforms dial it for lender hops (the channel)",
+    )
+    init.add_argument(
         "--supernode-port",
         type=int,
         default=9094,
@@ -98,6 +104,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             key_bits=args.key_bits,
             superlink_port=args.superlink_port,
             keyholder_port=args.keyholder_port,
+            serve_port=args.serve_port,
             supernode_base_port=args.supernode_port,
             node_auth=args.node_auth,
         )

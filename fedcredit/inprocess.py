@@ -6,8 +6,9 @@ capability also has a test through the real simulation or deployment engine.
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -17,8 +18,19 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app: ClientApp, nodes: int, node_configs: list[dict] | None = None):
+    """``background``: message types handled in a thread of their own, as a SuperNode would
+    while the ServerApp goes on (the platform channel's long-lived ``query.lender_listen``)."""
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        nodes: int,
+        node_configs: list[dict] | None = None,
+        background: Collection[str] = (),
+    ):
         self.client_app = client_app
+        self.background = set(background)
+        self.threads: list[threading.Thread] = []
         # What Flower's runtime sets before it runs a ServerApp (messages read it).
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = 1
@@ -55,11 +67,22 @@ class InProcessGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(msg)
+            if msg.metadata.message_type in self.background:
+                thread = threading.Thread(target=self._answer, args=(msg,), daemon=True)
+                thread.start()
+                self.threads.append(thread)
+                ids.append(msg.metadata.message_id)
+                continue
             reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
             self.received.append(reply)
             self._replies[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
         return ids
+
+    def _answer(self, msg: Message) -> None:
+        reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+        self.received.append(reply)
+        self._replies[msg.metadata.message_id] = reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import ssl
 import sys
 import time
@@ -23,6 +24,7 @@ import httpx
 from fedcredit.deploy.bundle import CONNECTION, toml_value
 from server.lender_service import ServeConfig
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 8480
 
@@ -33,7 +35,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="start the lender-facing HTTPS API on a running deployment (docs/lender-query.md)",
     )
     p.add_argument("dir", type=Path, help="deployment folder from `fedcredit deploy init`")
-    p.add_argument("--port", type=int, default=None, help=f"API port (default {DEFAULT_PORT})")
+    p.add_argument(
+        "--port", type=int, default=None, help="API port (default: deploy init --serve-port)"
+    )
     p.add_argument("--app", type=Path, default=REPO, help="the Flower app folder")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for health")
     p.add_argument("--hop-timeout", type=float, default=None, help="seconds per platform hop")
@@ -56,14 +60,14 @@ def ensure_serve_config(
     from fedcredit.deploy import load_manifest
 
     path = serve_config_path(out)
+    manifest = load_manifest(out)
     if path.exists():
         config = ServeConfig.load(path)
     else:
-        manifest = load_manifest(out)
         bureau = out / "bureau"
         config = ServeConfig(
             host=manifest.host,
-            port=DEFAULT_PORT,
+            port=manifest.serve_port,
             tls_cert=str(bureau / "superlink.pem"),
             tls_key=str(bureau / "superlink.key"),
             lenders=str(bureau / "lenders.json"),
@@ -76,6 +80,13 @@ def ensure_serve_config(
         changes["hop_timeout_s"] = hop_timeout
     if answer_timeout is not None:
         changes["answer_timeout_s"] = answer_timeout
+    if port is not None and port != manifest.serve_port:
+        log.warning(
+            "the platforms dial the channel at port %d (deploy init --serve-port); on port %d "
+            "every lender hop is a Flower message (seconds, not milliseconds)",
+            manifest.serve_port,
+            port,
+        )
     if changes or not path.exists():
         config = ServeConfig.model_validate({**config.model_dump(), **changes})
         lines = ["# fedcredit serve: the lender API (server/lender_service.py ServeConfig)"]

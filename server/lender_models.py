@@ -91,6 +91,10 @@ class DebtProfileAnswer(BaseModel):
     applicants: list[ApplicantOut]
     answered_at: str
     seconds: dict[str, float] = Field(default_factory=dict)
+    hops_via: dict[str, str] = Field(
+        default_factory=dict,
+        description="platform -> how its hop travelled: channel | flower message",
+    )
 
 
 def answer_body(answer: QuestionAnswer, answered_at: str) -> DebtProfileAnswer:
@@ -111,4 +115,5 @@ def answer_body(answer: QuestionAnswer, answered_at: str) -> DebtProfileAnswer:
         ],
         answered_at=answered_at,
         seconds=answer.seconds,
+        hops_via=answer.hops_via,
     )

@@ -49,6 +49,7 @@ from server.lender_models import (
     DebtProfileRequest,
     answer_body,
 )
+from server.platform_channel import ChannelBroker, LeaseKeeper, channel_routes
 from server.serving import Question, QuestionAnswer
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ class ServeConfig(BaseModel):
     answer_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     max_questions_per_round: int = Field(default=1000, ge=1, le=10_000)
     union_batch: int = Field(default=5000, ge=1, le=50_000)
+    channel: bool = Field(
+        default=True, description="offer platforms the channel (server/platform_channel.py)"
+    )
+    channel_lease_s: int = Field(default=600, ge=10, le=24 * 3600)
 
     @classmethod
     def load(cls, path: str | Path) -> ServeConfig:
@@ -135,7 +140,7 @@ class Dispatcher:
     """Questions from the API threads, answered in rounds by the thread that owns the Grid."""
 
     def __init__(
-        self, max_per_round: int, window_s: float = 0.3, max_gather_s: float = 5.0
+        self, max_per_round: int, window_s: float = 0.02, max_gather_s: float = 5.0
     ) -> None:
         self.max_per_round = max_per_round
         self.window_s = window_s
@@ -155,7 +160,9 @@ class Dispatcher:
 
         After the first question, the round keeps gathering while questions keep arriving
         (each within ``window_s`` of the last, for at most ``max_gather_s``): a round costs
-        about the same for 1 or 1,000 applicants, so a burst should ride one round.
+        about the same for 1 or 1,000 applicants, so a burst should ride one round. The
+        window is short because a lone question should not wait for company: under load the
+        questions that arrive during a round are all waiting when the next one starts.
         """
         if self._held is not None:
             first, self._held = self._held, None
@@ -220,8 +227,10 @@ def create_app(
     health: Callable[[], dict[str, Any]],
     key_announcement: Callable[[], dict[str, Any]],
     answer_timeout_s: float = 30.0,
+    channel: ChannelBroker | None = None,
 ) -> FastAPI:
-    """The lender API (OpenAPI at ``/openapi.json``)."""
+    """The lender API (OpenAPI at ``/openapi.json``); with ``channel``, also the platforms'
+    channel endpoints (not in the schema, not for lenders)."""
     app = FastAPI(
         title="fedcredit lender API",
         version="1",
@@ -326,6 +335,8 @@ def create_app(
         key after verifying the signature with the key holder's pinned signing key."""
         return key_announcement()
 
+    if channel is not None:
+        app.include_router(channel_routes(channel))
     return app
 
 
@@ -362,13 +373,18 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     keyholder = keyholder or connect_keyholder(settings)
     holder: dict[str, Any] = {"stale": False, "retry_at": 0.0}
+    broker = ChannelBroker() if config.channel else None
+    keeper = LeaseKeeper(broker, config.channel_lease_s) if broker is not None else None
     # Discovery must not wait the batch run's long timeouts on a platform that is down.
     quick = settings.model_copy(update={"timeout": max(4 * config.hop_timeout_s, 30.0)})
 
     def refresh() -> None:
         """A new serving session over the platforms online now (node ids may have changed:
-        a restarted SuperNode comes back with an empty node state, so its secret is gone)."""
+        a restarted SuperNode comes back with an empty node state, so its secret is gone).
+        The channel's workers are stopped first: a SuperNode answers one message at a time."""
         t0 = time.perf_counter()
+        if keeper is not None:
+            keeper.stop_all(grid, wait_s=max(2 * config.hop_timeout_s, 10.0))
         node_ids = wait_for_nodes(grid, settings)
         described = describe_platforms(grid, node_ids, quick)
         nodes = {d.platform: n for n, d in described.items()}
@@ -383,8 +399,11 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
             batch_size=config.union_batch,
         )
         session.timeout = config.hop_timeout_s
+        session.channel = keeper
         holder["session"] = session
         holder["stale"] = False
+        if keeper is not None:
+            keeper.start(grid, session)
         log.info("serving session ready in %.1f s", time.perf_counter() - t0)
 
     def answer_round(questions: Sequence[Question]) -> list[QuestionAnswer]:
@@ -404,6 +423,7 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
             "participants": list(session.participants),
             "expires_at": int(session.expires_at),
             "rounds": dispatcher.rounds,
+            "channel": keeper.status() if keeper is not None else {},
         }
 
     app = create_app(
@@ -414,6 +434,7 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
         health=health,
         key_announcement=lambda: announcement_json(keyholder.announcement()),
         answer_timeout_s=config.answer_timeout_s,
+        channel=broker,
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -438,7 +459,11 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
                 except Exception as exc:  # keep answering (naming the missing) and retry
                     log.warning("serving session refresh failed, retrying later: %s", exc)
                     holder["retry_at"] = time.monotonic() + 2 * config.hop_timeout_s
+            if keeper is not None:
+                keeper.tend(grid, holder["session"])
             dispatcher.run_once(answer_round)
     finally:
+        if keeper is not None:
+            keeper.stop_all(grid, wait_s=10.0)
         server.should_exit = True
         thread.join(timeout=10)

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import Message
+from flwr.app.error import Error
 from flwr.serverapp import Grid
 
 from protocols import lender_messages as lm
@@ -34,6 +35,7 @@ from server.debt_query import QueryKey, _ciphertexts
 from server.keyholder_client import KeyHolderAPI
 from server.keyholder_lender import AnswerItem
 from server.matching import PlatformsFailed, exchange, run_matching
+from server.platform_channel import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class QuestionAnswer:
     missing: dict[str, str]
     answers: list[ApplicantAnswer]
     seconds: dict[str, float] = field(default_factory=dict)
+    hops_via: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class ServingSession:
     table: dict[bytes, _Row]
     expires_at: float
     timeout: float
+    channel: LeaseKeeper | None = None  # the platform channel, when the service has one
     counter_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     inquiries: dict[bytes, list[float]] = field(default_factory=dict)
     stats: dict[str, object] = field(default_factory=dict)
@@ -118,9 +122,10 @@ class ServingSession:
         refusals: dict[tuple[int, int], dict[str, str]] = {key: {} for key in current}
         missing: dict[str, str] = {}
         hop_seconds: list[float] = []
+        via: dict[str, str] = {}
         for step, platform in enumerate(self.participants, start=1):
             th = time.perf_counter()
-            failed = self._hop(grid, step, platform, questions, flat, current, refusals)
+            failed = self._hop(grid, step, platform, questions, flat, current, refusals, via)
             if failed:
                 missing[platform] = failed
                 for key in refusals:
@@ -189,6 +194,7 @@ class ServingSession:
                     contributors=self.participants,
                     missing=dict(missing),
                     answers=answers,
+                    hops_via=dict(via),
                     seconds={
                         **{f"hop_{i}": round(h, 4) for i, h in enumerate(hop_seconds, 1)},
                         "platform_hops": round(sum(hop_seconds), 4),
@@ -208,10 +214,14 @@ class ServingSession:
         flat: list[tuple[Question, int]],
         current: dict[tuple[int, int], bytes],
         refusals: dict[tuple[int, int], dict[str, str]],
+        via: dict[str, str],
     ) -> str | None:
         """One message with every question of the round to ``platform``; a reason if it
         failed. Records refused earlier still travel (their result is discarded), so every
-        platform states its own decision on every applicant."""
+        platform states its own decision on every applicant.
+
+        The message goes over the platform channel when the platform's worker is attached
+        (``server/platform_channel.py``), else as a Flower message."""
         request = lm.LenderBlind(
             request_id=uuid.uuid4().hex,
             session_id=self.session_id,
@@ -224,19 +234,34 @@ class ServingSession:
             consents=tuple(q.applicants[k].consent for q, k in flat),
             elements=b"".join(current[(id(q), k)] for q, k in flat),
         )
-        msg = Message(
-            request.to_content(),
-            dst_node_id=self.nodes[platform],
-            message_type="query.lender_blind",
+        content = request.to_content()
+        route = (
+            self.channel.route(grid, self, platform, self.timeout)
+            if self.channel is not None
+            else "flower message"
         )
-        replies = send_and_collect(grid, [msg], self.timeout)
-        if not replies:
-            return f"no reply within {self.timeout:.0f} s"
-        reply = replies[0]
-        if reply.has_error():
-            return reply.error.reason[:300]
+        via[platform] = route
+        if route == "timeout":
+            return f"no reply within {self.timeout:.0f} s (no channel worker attached)"
+        if route == "channel":
+            try:
+                answer = self.channel.broker.call(  # type: ignore[union-attr]
+                    platform, "query.lender_blind", content, self.timeout
+                )
+            except TimeoutError:
+                return f"no reply within {self.timeout:.0f} s"
+        else:
+            msg = Message(
+                content, dst_node_id=self.nodes[platform], message_type="query.lender_blind"
+            )
+            replies = send_and_collect(grid, [msg], self.timeout)
+            if not replies:
+                return f"no reply within {self.timeout:.0f} s"
+            answer = replies[0].error if replies[0].has_error() else replies[0].content
+        if isinstance(answer, Error):
+            return str(answer.reason)[:300]
         try:
-            body = lm.LenderBlindReply.from_content(reply.content, f"reply from {platform}")
+            body = lm.LenderBlindReply.from_content(answer, f"reply from {platform}")
         except m.ProtocolError as exc:
             return str(exc)[:300]
         if body.request_id != request.request_id or body.count != len(flat):

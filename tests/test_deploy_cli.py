@@ -191,8 +191,11 @@ def test_configs_parse_the_way_flwr_parses_them(bundle: tuple[Path, Manifest]) -
     for entry in manifest.platforms:
         text = (out / entry.dir / "node-config.txt").read_text().strip()
         config = parse_config_args([text])
-        assert set(config) == {"ledger", "identity", "roster", "policy"}
-        assert all(Path(str(value)).is_file() for value in config.values())
+        files = {"ledger", "identity", "roster", "policy", "channel-ca"}
+        assert set(config) == files | {"channel-url"}
+        assert all(Path(str(config[key])).is_file() for key in files)
+        # The platform dials the bureau's lender API for the channel, and only there.
+        assert config["channel-url"] == f"https://{manifest.host}:{manifest.serve_port}"
     run_config = parse_config_args([str(out / "bureau/run-config.toml")])
     assert run_config["keyholder-url"] == manifest.keyholder_url
     assert Path(str(run_config["keyholder-token-file"])) == out / "bureau/coordinator.token"

@@ -35,6 +35,7 @@ def _truth(ledgers: list[str], token: str) -> tuple[int, int, int]:
 @pytest.mark.slow
 def test_serve_survives_a_platform_outage_and_restarts(tmp_path: Path) -> None:
     out = tmp_path / "fed"
+    port = free_port()
     init(
         3,
         out,
@@ -43,6 +44,7 @@ def test_serve_survives_a_platform_outage_and_restarts(tmp_path: Path) -> None:
         superlink_port=free_port(),
         keyholder_port=free_port(),
         supernode_base_port=free_port(),
+        serve_port=port,
     )
     manifest = load_manifest(out)
     ledgers = [
@@ -51,7 +53,6 @@ def test_serve_survives_a_platform_outage_and_restarts(tmp_path: Path) -> None:
     ]
     data = [load_platform_data(loc) for loc in ledgers]
     shared = next(t for t in data[0].features.tokens if t in data[1].index)
-    port = free_port()
     up(out)
     try:
         result = serve_cli.start(
@@ -65,6 +66,8 @@ def test_serve_survives_a_platform_outage_and_restarts(tmp_path: Path) -> None:
         first = ask()
         row = first["applicants"][0]
         assert first["missing"] == {} and row["status"] == "answered", first
+        # Every hop rode the platform channel (protocols/channel.py), not a Flower message.
+        assert first["hops_via"] == {p.name: "channel" for p in manifest.platforms}, first
         assert (row["total_debt_fen"], row["active_loans"], row["lenders"]) == _truth(
             ledgers, shared
         )
@@ -84,6 +87,7 @@ def test_serve_survives_a_platform_outage_and_restarts(tmp_path: Path) -> None:
         rejoined = ask()  # the service refreshes its session before this round
         assert rejoined["missing"] == {}, rejoined
         assert rejoined["applicants"][0]["status"] == "answered"
+        assert set(rejoined["hops_via"].values()) == {"channel"}, rejoined
         assert sorted(rejoined["contributors"]) == sorted(p.name for p in manifest.platforms)
 
         assert serve_cli.stop(out, timeout=120)

@@ -48,6 +48,7 @@ class _Federation:
         from fedcredit.deploy import init, up
 
         self.out = root / "fed"
+        port = free_port()
         init(
             PLATFORMS,
             self.out,
@@ -57,11 +58,12 @@ class _Federation:
             superlink_port=free_port(),
             keyholder_port=free_port(),
             supernode_base_port=free_port(),
+            serve_port=port,
         )
         up(self.out)
         t0 = time.perf_counter()
         self.service = serve_cli.start(
-            self.out, port=free_port(), timeout=1800, hop_timeout=120, answer_timeout=1800
+            self.out, port=port, timeout=1800, hop_timeout=120, answer_timeout=1800
         )
         self.open_s = time.perf_counter() - t0
         self.url = self.service["url"]
@@ -165,6 +167,7 @@ def run_latency(samples: int = 15, borrowers: int = 2000, seed: int = 0) -> dict
             tokens = fed.tokens(samples)
             walls, prepare, service, hops, keyholder = [], [], [], [], []
             per_hop: list[list[float]] = []
+            via: dict[str, int] = {}
             errors = 0
             for token in tokens:
                 t0 = time.perf_counter()
@@ -182,6 +185,8 @@ def run_latency(samples: int = 15, borrowers: int = 2000, seed: int = 0) -> dict
                 hops.append(sec.get("platform_hops", 0.0))
                 keyholder.append(sec.get("keyholder", 0.0))
                 per_hop.append([sec[k] for k in sorted(sec) if k.startswith("hop_")])
+                for how in answer.get("hops_via", {}).values():
+                    via[how] = via.get(how, 0) + 1
             baseline = _in_process_baseline(fed, tokens[: min(5, len(tokens))])
         finally:
             fed.close()
@@ -204,6 +209,7 @@ def run_latency(samples: int = 15, borrowers: int = 2000, seed: int = 0) -> dict
             "http_tls_queue_s": round(median - _quantile(service, 0.5) - _quantile(prepare, 0.5), 4)
             if walls
             else None,
+            "hops_via": via,
         },
         "session_open_s": round(fed.open_s, 1),
         "baseline_in_process": baseline,

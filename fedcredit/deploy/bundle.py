@@ -76,6 +76,7 @@ class Manifest(BaseModel):
     host: str
     superlink_port: int
     keyholder_port: int
+    serve_port: int = 8480  # the lender API, where the platforms' channel-url points
     min_participants: int
     node_auth: bool
     platforms: list[PlatformEntry]
@@ -231,6 +232,7 @@ def init(
     superlink_port: int = 9092,
     keyholder_port: int = 8470,
     supernode_base_port: int = 9094,
+    serve_port: int = 8480,
     node_auth: bool = True,
     cert_days: float = 365,
     purposes: Sequence[str] = DEFAULT_PURPOSES,
@@ -312,6 +314,10 @@ def init(
                 "identity": str(pdir / "identity.json"),
                 "roster": str(pdir / "roster.json"),
                 "policy": str(pdir / "policy.toml"),  # enforced on lender questions
+                # Where this platform dials the bureau's channel for lender hops, and the CA
+                # it accepts the bureau's certificate from (protocols/channel.py).
+                "channel-url": f"https://{host}:{serve_port}",
+                "channel-ca": str(pdir / "ca.pem"),
             }
         )
         (pdir / "node-config.txt").write_text(node_config + "\n", encoding="utf-8")
@@ -341,6 +347,7 @@ def init(
         host=host,
         superlink_port=superlink_port,
         keyholder_port=keyholder_port,
+        serve_port=serve_port,
         min_participants=min(3, platforms),
         node_auth=node_auth,
         platforms=entries,
@@ -558,6 +565,15 @@ Bureau, the run:
 {c["status"]}
 ```
 
+Bureau, the lender service (a standing run hosting the HTTPS lender API on port
+{manifest.serve_port}; each platform's `node-config.txt` has `channel-url` pointing there, and its
+ClientApp dials it for lender hops, so the platforms must reach that port too):
+```
+fedcredit serve {d}
+fedcredit query NATIONAL_ID --dir {d} --lender lender-01 --purpose underwriting
+fedcredit serve {d} --stop
+```
+
 ## What goes where
 | folder | party | secret files (mode 0600) |
 |---|---|---|
@@ -570,6 +586,7 @@ Bureau, the run:
 For many machines, run init with `--host` set to the bureau's address (it goes into the
 SuperLink's and key holder's certificates, the run config and the CLI connection), and make the
 SuperLink and key holder listen on an interface the platforms reach. `bureau/lenders.json`
-keeps only the SHA-256 of each lender's API key. `policy.toml` (lenders served, purposes,
-rate limit, batch size) is validated now and enforced in a later release.
+keeps only the SHA-256 of each lender's API key. `policy.toml` (lenders served with their
+pinned keys, purposes, rate limit, batch size) is enforced by each platform on every lender
+question.
 """
