@@ -76,8 +76,13 @@ def test_attacks_find_nothing_on_rows_the_model_never_saw() -> None:
 def test_dp_sgd_defeats_the_attack_that_exposes_the_overfitted_model() -> None:
     """Same rows, same passes as the overfitted model above, trained with DP-SGD at epsilon 1:
     the loss-threshold attack falls back to about chance."""
+    import torch
+
     from protocols.dp import DPSGD, plan
 
+    # Opacus draws its noise and Poisson batches from torch's global generator: seeded, so
+    # the test sees one fixed draw (attack AUC over seeds 0-7: 0.475-0.562).
+    torch.manual_seed(0)
     rng = np.random.default_rng(0)
     train, held_out = _rows(rng, 100), _rows(rng, 400)
     epochs, batch = 300, 50
