@@ -77,7 +77,8 @@ class ServeConfig(BaseModel):
     channel: bool = Field(
         default=True, description="offer platforms the channel (server/platform_channel.py)"
     )
-    channel_lease_s: int = Field(default=600, ge=10, le=24 * 3600)
+    # A lease is one Flower message: it must end well inside its TTL (12 h by default).
+    channel_lease_s: int = Field(default=600, ge=10, le=6 * 3600)
 
     @classmethod
     def load(cls, path: str | Path) -> ServeConfig:
@@ -400,6 +401,7 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
         )
         session.timeout = config.hop_timeout_s
         session.channel = keeper
+        holder["known"] = holder.get("known", set()) | set(session.participants)
         holder["session"] = session
         holder["stale"] = False
         if keeper is not None:
@@ -407,9 +409,16 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
         log.info("serving session ready in %.1f s", time.perf_counter() - t0)
 
     def answer_round(questions: Sequence[Question]) -> list[QuestionAnswer]:
-        answers = holder["session"].ask(grid, questions, keyholder)
+        session = holder["session"]
+        answers = session.ask(grid, questions, keyholder)
         if any(a.missing for a in answers):
             holder["stale"] = True  # try a fresh session before the next round
+        # A platform that served before but was offline when this session opened contributes
+        # to no total: the lender is told, as for a platform that failed a hop.
+        absent = sorted(holder["known"] - set(session.participants))
+        for answer in answers:
+            for platform in absent:
+                answer.missing.setdefault(platform, "offline when the serving session opened")
         return answers
 
     refresh()
@@ -459,6 +468,12 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
                 except Exception as exc:  # keep answering (naming the missing) and retry
                     log.warning("serving session refresh failed, retrying later: %s", exc)
                     holder["retry_at"] = time.monotonic() + 2 * config.hop_timeout_s
+            if time.monotonic() >= holder.get("census_at", 0.0):
+                # More SuperNodes online than the session has participants: one is back (or
+                # new), and a fresh session takes it in.
+                holder["census_at"] = time.monotonic() + 10.0
+                if len(list(grid.get_node_ids())) > len(holder["session"].participants):
+                    holder["stale"] = True
             if keeper is not None:
                 keeper.tend(grid, holder["session"])
             dispatcher.run_once(answer_round)
