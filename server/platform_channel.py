@@ -235,7 +235,12 @@ class ChannelBroker:
             if work.platform != lease.platform or not work.taken:
                 raise ChannelRefused(403, "this work was not handed to this platform")
         if body.content is not None:
-            result: RecordDict | Error = ch.decode_content(body.content, work.message_type)
+            try:
+                result: RecordDict | Error = ch.decode_content(body.content, work.message_type)
+            except m.ProtocolError as exc:  # the hop fails now, not at its timeout
+                if work.future.set_running_or_notify_cancel():
+                    work.future.set_result(Error(1, f"malformed answer over the channel: {exc}"))
+                raise
         elif body.error_code is not None:
             result = Error(body.error_code, body.error_reason or "")
         else:

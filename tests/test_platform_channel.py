@@ -261,11 +261,22 @@ def test_hostile_channel_requests_are_refused(bureau: Bureau) -> None:
             post(ch.REPLY_PATH, other_token, answer | {"lease_id": other.lease_id}).status_code
             == 403
         )
-        bad = answer | {"lease_id": lease.lease_id, "content": "not base64!"}
-        assert post(ch.REPLY_PATH, token, bad).status_code == 422
         assert post(ch.REPLY_PATH, token, answer | {"lease_id": lease.lease_id}).status_code == 200
         caller.join(timeout=20)
         assert result["got"].config_records  # type: ignore[union-attr]
+
+        # A malformed answer is refused and fails its hop at once (not at the hop timeout).
+        caller = threading.Thread(
+            target=lambda: result.update(
+                bad=bureau.broker.call("platform-x", "query.lender_blind", content.to_content(), 20)
+            )
+        )
+        caller.start()
+        (item2,) = post(ch.PULL_PATH, token, pull | {"wait_s": 10}).json()["items"]
+        bad = {"lease_id": lease.lease_id, "work_id": item2["work_id"], "content": "not base64!"}
+        assert post(ch.REPLY_PATH, token, bad).status_code == 422
+        caller.join(timeout=20)
+        assert "malformed answer" in result["bad"].reason  # type: ignore[union-attr]
         # The same answer again (a replay), or to work nobody asked for: 409.
         assert post(ch.REPLY_PATH, token, answer | {"lease_id": lease.lease_id}).status_code == 409
         unknown = answer | {"lease_id": lease.lease_id, "work_id": "b" * 32}
