@@ -5,9 +5,11 @@ inside ``main`` (for the run's lifetime); a run may last as long as it likes. So
 starts one run whose ``main`` opens a serving session, starts this API (uvicorn, TLS) in a
 thread of the same process, and then loops: take every question waiting, answer them together
 through the Grid (``ServingSession.ask``), resolve their futures. The Grid is used from that
-one thread only. No extra process, queue service or polling of the SuperLink is needed, and
-concurrent lenders share platform hops (batching is the throughput lever; see
-docs/lender-query.md).
+one thread only. No extra process or queue service is needed, and concurrent lenders share
+platform hops (batching is the throughput lever; see docs/lender-query.md). The same API
+server hosts the platform channel's endpoints (``server/platform_channel.py``): the hops ride
+leased, long-lived ClientApps instead of one Flower message each (26.9 s -> 0.06 s a
+question).
 
 Lenders authenticate with the API keys ``fedcredit deploy init`` wrote; the bureau keeps only
 their SHA-256 (``bureau/lenders.json``). An unknown key gets 401, a revoked lender 403, and
