@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -107,6 +108,8 @@ def _digest(tree: gbdt.Tree | None) -> str:
 
 
 _binned: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+# (location, session) -> the training rows' (feature, bin) indicator matrix (gbdt.one_hot)
+_indicators: dict[tuple[str, str], Any] = {}
 # (location, session) -> (tree, level, heap node of every training row after ``level`` levels)
 _routes: dict[tuple[str, str], tuple[int, int, np.ndarray]] = {}
 
@@ -132,6 +135,20 @@ def _binned_rows(
     return _binned[key]
 
 
+def _indicator(
+    req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray, layout: gbdt.CellLayout
+) -> Any:
+    """The training rows' indicator matrix for this session: built by the first level message
+    this process answers, reused by the rest (like the bins: a cache, rebuilt on a miss)."""
+    key = (data.location, req.session_id)
+    found = _indicators.get(key)
+    if found is None or found.shape != (len(binned), layout.cells):
+        if len(_indicators) >= 4:
+            _indicators.clear()
+        found = _indicators[key] = gbdt.one_hot(binned, layout)
+    return found
+
+
 def _route(req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray) -> np.ndarray:
     """Heap node of every training row at this level: one level on from the last message
     when this process answered it, else routed from the root."""
@@ -155,8 +172,10 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         first = req.edges
         assert first is not None  # validated: the first message carries them
         edges, edge_blob = (lambda: first), _edges_to_state(first)
+        layout = gbdt.CellLayout.of(first)
         for split in ("train", "test"):
             _binned.pop((data.location, req.session_id, split), None)
+        _indicators.pop((data.location, req.session_id), None)
     else:
         if state is None or state["session"] != req.session_id:
             raise m.ProtocolError(f"{what}: no boosting session {req.session_id} on this platform")
@@ -164,6 +183,7 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         counts = np.frombuffer(state["edge-counts"], dtype="<i8")  # type: ignore[arg-type]
         if len(counts) != len(req.features) or state["bins"] != req.bins:
             raise m.ProtocolError(f"{what}: features or bins differ from the session's")
+        layout = gbdt.CellLayout(tuple(int(c) + 1 for c in counts))
         saved = state
         edges = lambda: _edges_from_state(saved)  # noqa: E731 (read only on a cache miss)
     binned, y = _binned_rows(req, ctx, data, "train", edges)
@@ -200,7 +220,8 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         _save_state(ctx, req.session_id, trees, train, test, edge_blob, _digest(req.previous))
     p = gbdt.sigmoid(train)
     node = _route(req, data, binned)
-    sums = gbdt.node_histograms(binned, p - y, p * (1 - p), node, req.nodes, req.bins)
+    indicator = _indicator(req, data, binned, layout)
+    sums = gbdt.node_sums(binned, p - y, p * (1 - p), node, req.nodes, layout, indicator)
     if req.level == 0:
         # The model so far on the held-out rows, as sums: the bureau's per-tree history.
         hist = ScoreHistogram.of(gbdt.sigmoid(test), y_test)

@@ -226,6 +226,101 @@ def logistic_loss_sum(margin: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum(np.logaddexp(0.0, margin) - y * margin))
 
 
+@dataclass(frozen=True)
+class CellLayout:
+    """The (feature, bin) cells that can hold rows: feature ``f`` has ``widths[f]`` bins.
+
+    A level reply carries only these cells, feature after feature, not the whole (feature,
+    ``bins``) grid: a feature's bin count is its number of edges plus one, and on UCI the 42
+    features have 1 to 60 bins (1,026 cells where the grid has 2,520). Masks, secure sums,
+    the query log's digests and the messages shrink with the cells; the bureau puts the sums
+    back on the grid (``expand``) to find splits. Both sides derive the layout from the
+    agreed edges, so it is public.
+    """
+
+    widths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, edges: list[list[float]]) -> CellLayout:
+        return cls(tuple(len(e) + 1 for e in edges))
+
+    @classmethod
+    def uniform(cls, features: int, bins: int) -> CellLayout:
+        return cls((bins,) * features)
+
+    @property
+    def cells(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def bins(self) -> int:
+        """Width of the dense grid (``bins_needed`` of the edges)."""
+        return max([*self.widths, 2])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """First cell of each feature."""
+        return np.concatenate([[0], np.cumsum(self.widths)[:-1]]).astype(np.int64)
+
+    def expand(self, compact: np.ndarray) -> np.ndarray:
+        """``(..., cells)`` -> ``(..., features, bins)``, zeros where a feature has no bin."""
+        valid = np.arange(self.bins) < np.asarray(self.widths)[:, None]
+        out = np.zeros((*compact.shape[:-1], len(self.widths), self.bins))
+        out[..., valid] = compact
+        return out
+
+
+def one_hot(binned: np.ndarray, layout: CellLayout) -> Any:
+    """Rows x cells indicator matrix (scipy CSR): row ``r`` has a 1 in cell
+    ``offsets[f] + binned[r, f]`` of every feature ``f`` with two bins or more.
+
+    Built once per boosting session (a platform's bins do not change between trees), so that
+    every histogram is one sparse product over the rows it covers (``node_sums``). A
+    one-bin feature (constant over the federation) holds every row in its one cell: its sums
+    are the node's totals, so it takes no place in the matrix.
+    """
+    from scipy import sparse
+
+    split = np.flatnonzero(np.asarray(layout.widths) >= 2)
+    rows = len(binned)
+    cols = (layout.offsets[split] + binned[:, split]).astype(np.int32).ravel()
+    indptr = np.arange(rows + 1, dtype=np.int64) * len(split)
+    return sparse.csr_matrix((np.ones(len(cols)), cols, indptr), shape=(rows, layout.cells))
+
+
+def node_sums(
+    binned: np.ndarray,
+    grad: np.ndarray,
+    hess: np.ndarray,
+    node_of_row: np.ndarray,
+    nodes: list[int],
+    layout: CellLayout,
+    indicator: Any = None,
+) -> dict[str, np.ndarray]:
+    """Summed gradient, hessian and row count per (requested node, cell of ``layout``).
+
+    Per node one sparse product ``indicator[rows].T @ [grad, hess, 1]``: each (row, feature)
+    of the node's rows is touched once, in compiled code, for the three sums together (about
+    twice as fast as three ``np.bincount`` per feature). ``indicator`` is ``one_hot(binned,
+    layout)``, passed in when the caller keeps it for the session.
+    """
+    if indicator is None:
+        indicator = one_hot(binned, layout)
+    single = layout.offsets[np.asarray(layout.widths) == 1]
+    slot_of = np.full(max(int(node_of_row.max(initial=0)), *nodes) + 1, -1, dtype=np.int64)
+    slot_of[nodes] = np.arange(len(nodes))
+    slot = slot_of[node_of_row]
+    out = np.zeros((3, len(nodes), layout.cells))
+    for k in range(len(nodes)):
+        rows = np.flatnonzero(slot == k)
+        if len(rows) == 0:
+            continue
+        weights = np.column_stack([grad[rows], hess[rows], np.ones(len(rows))])
+        out[:, k] = (indicator[rows].T @ weights).T
+        out[:, k, single] = weights.sum(axis=0)[:, None]
+    return {name: out[i] for i, name in enumerate(("grad", "hess", "count"))}
+
+
 def node_histograms(
     binned: np.ndarray,
     grad: np.ndarray,
@@ -234,30 +329,10 @@ def node_histograms(
     nodes: list[int],
     bins: int,
 ) -> dict[str, np.ndarray]:
-    """Summed gradient, hessian and row count per (requested node, feature, bin)."""
-    slot_of = np.full(max(int(node_of_row.max(initial=0)), *nodes) + 1, -1, dtype=np.int64)
-    slot_of[nodes] = np.arange(len(nodes))
-    slot = slot_of[node_of_row]
-    keep = np.flatnonzero(slot >= 0)
-    base, rows = slot[keep] * bins, binned[keep]
-    g, h = grad[keep], hess[keep]
-    size, F = len(nodes) * bins, binned.shape[1]
-    if len(keep) * F < 50_000:
-        # Few rows: one pass over every (row, feature) beats a Python loop over features.
-        flat = ((slot[keep, None] * F + np.arange(F)) * bins + rows).ravel()
-        shape = (len(nodes), F, bins)
-        return {
-            "grad": np.bincount(flat, np.repeat(g, F), size * F).reshape(shape),
-            "hess": np.bincount(flat, np.repeat(h, F), size * F).reshape(shape),
-            "count": np.bincount(flat, minlength=size * F).reshape(shape).astype(np.float64),
-        }
-    out = {k: np.empty((len(nodes), F, bins)) for k in ("grad", "hess", "count")}
-    for f in range(F):  # one feature at a time: no (rows x features) temporaries
-        idx = base + rows[:, f]
-        out["grad"][:, f] = np.bincount(idx, weights=g, minlength=size).reshape(-1, bins)
-        out["hess"][:, f] = np.bincount(idx, weights=h, minlength=size).reshape(-1, bins)
-        out["count"][:, f] = np.bincount(idx, minlength=size).reshape(-1, bins)
-    return out
+    """``node_sums`` on the whole (node, feature, bin) grid, every feature ``bins`` wide."""
+    layout = CellLayout.uniform(binned.shape[1], bins)
+    sums = node_sums(binned, grad, hess, node_of_row, nodes, layout)
+    return {name: layout.expand(value) for name, value in sums.items()}
 
 
 @dataclass(frozen=True)

@@ -125,10 +125,11 @@ def sketch_fields(features: int) -> list[SumField]:
     ]
 
 
-def level_fields(nodes: int, features: int, bins: int, first: bool) -> list[SumField]:
-    """Gradient and hessian sums (bounded by the rows), exact counts; level 0 adds the
-    held-out score histograms and (log-loss sum, rows) of the model so far."""
-    shape = (nodes, features, bins)
+def level_fields(nodes: int, cells: int, first: bool) -> list[SumField]:
+    """Gradient and hessian sums (bounded by the rows), exact counts, per (node, cell of the
+    session's ``gbdt.CellLayout``); level 0 adds the held-out score histograms and (log-loss
+    sum, rows) of the model so far."""
+    shape = (nodes, cells)
     fields = [
         SumField(name="grad", shape=shape, bound_bits=ROWS_BITS),
         SumField(name="hess", shape=shape, bound_bits=ROWS_BITS - 2),
@@ -319,8 +320,7 @@ def _grow_tree(
     depth, lr = model.params.depth, model.params.learning_rate
     n = gbdt.heap_size(depth)
     feature, threshold, value = [-1] * n, [0] * n, [0.0] * n
-    bins = gbdt.bins_needed(model.edges)
-    F = len(model.features)
+    layout = gbdt.CellLayout.of(model.edges)
     sums: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     ask, derive = [0], {}  # nodes to request; node -> (parent, sibling) to derive by subtraction
     extras: dict[str, np.ndarray] = {}
@@ -341,15 +341,16 @@ def _grow_tree(
             f"{tree_id}/level/{level}",
             "query.gbdt_level",
             request.to_content,
-            level_fields(len(ask), F, bins, level == 0),
+            level_fields(len(ask), layout.cells, level == 0),
         )
         if level == 0:
             generation = summer.generation  # a dropout during level 0 re-ran level 0 only
             extras = {k: got[k] for k in ("hist-pos", "hist-neg", "test-loss")}
         elif summer.generation != generation:
             raise _SetChanged
+        grad, hess, count = (layout.expand(got[k]) for k in ("grad", "hess", "count"))
         for i, node in enumerate(ask):
-            sums[node] = (got["grad"][i], got["hess"][i], got["count"][i])
+            sums[node] = (grad[i], hess[i], count[i])
         for node, (parent, sibling) in derive.items():
             sums[node] = tuple(  # type: ignore[assignment]
                 np.clip(p - s, 0, None) if k else p - s

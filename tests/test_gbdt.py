@@ -112,7 +112,7 @@ def test_summed_sketches_give_the_pooled_edges() -> None:
     assert counts.min() > 0.5 * len(X) / 16  # quantile bins of a heavy tail are balanced
 
 
-@pytest.mark.parametrize("rows", [100, 5000])  # one pass over all features; one per feature
+@pytest.mark.parametrize("rows", [0, 100, 5000])
 def test_node_histograms_are_the_per_node_sums(rows: int) -> None:
     rng = np.random.default_rng(rows)
     features, bins = 20, 16
@@ -127,6 +127,30 @@ def test_node_histograms_are_the_per_node_sums(rows: int) -> None:
                 for f in range(features)
             ]
             assert np.allclose(got[name][slot], expected), (name, wanted)
+
+
+def test_node_sums_cover_only_the_cells_a_feature_has() -> None:
+    """The compact layout: each feature's own bins, one-bin features as the node totals."""
+    rng = np.random.default_rng(3)
+    edges = [[0.5], [], [1.0, 2.0, 3.0], []]  # 2, 1, 4 and 1 bins
+    X = np.column_stack([rng.random(500), np.zeros(500), rng.integers(0, 5, 500), np.ones(500)])
+    binned = gbdt.bin_rows(X, edges)
+    layout = gbdt.CellLayout.of(edges)
+    assert layout.widths == (2, 1, 4, 1) and layout.cells == 8 and layout.bins == 4
+    grad, hess, node = rng.normal(size=500), rng.random(500), rng.integers(1, 3, 500)
+    got = gbdt.node_sums(binned, grad, hess, node, [2, 1], layout)
+    dense = gbdt.node_histograms(binned, grad, hess, node, [2, 1], layout.bins)
+    for name in ("grad", "hess", "count"):
+        assert got[name].shape == (2, 8)
+        assert np.allclose(layout.expand(got[name]), dense[name]), name
+    # Every feature's cells hold all of a node's rows, once.
+    for slot, wanted in enumerate([2, 1]):
+        rows = int((node == wanted).sum())
+        per_feature = np.add.reduceat(got["count"][slot], layout.offsets)
+        assert np.array_equal(per_feature, [rows] * 4)
+    shared = gbdt.one_hot(binned, layout)  # kept for a session: the same sums
+    again = gbdt.node_sums(binned, grad, hess, node, [2, 1], layout, shared)
+    assert all(np.array_equal(again[k], got[k]) for k in got)
 
 
 def test_best_split_finds_the_informative_feature() -> None:
@@ -373,13 +397,13 @@ def test_a_negative_summed_hessian_stops_the_secure_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The bureau cannot check one platform's masked histograms, so it checks the sums."""
-    honest = gbdt.node_histograms
+    honest = gbdt.node_sums
 
     def lying(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         out = honest(*args, **kwargs)
         return {**out, "hess": -out["hess"]}
 
-    monkeypatch.setattr(gbdt, "node_histograms", lying)
+    monkeypatch.setattr(gbdt, "node_sums", lying)
     grid = InProcessGrid(_app(uci_ledgers, uci_enrolment), 3)
     with pytest.raises(FederationError, match="negative summed hess"):
         run_federation(grid, _settings(tmp_path, **{"gbdt-trees": 1}))
