@@ -110,8 +110,9 @@ def _digest(tree: gbdt.Tree | None) -> str:
 _binned: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
 # (location, session) -> the training rows' (feature, bin) indicator matrix (gbdt.one_hot)
 _indicators: dict[tuple[str, str], Any] = {}
-# (location, session) -> (tree, level, heap node of every training row after ``level`` levels)
-_routes: dict[tuple[str, str], tuple[int, int, np.ndarray]] = {}
+# (location, session) -> (tree, level, heap node of every training row after ``level``
+# levels, the tree those levels were read from)
+_routes: dict[tuple[str, str], tuple[int, int, np.ndarray, gbdt.Tree]] = {}
 
 
 def _binned_rows(
@@ -149,19 +150,44 @@ def _indicator(
     return found
 
 
+def _cached_route(
+    req: gbdt.LevelRequest, data: PlatformData, tree: int, splits: gbdt.Tree
+) -> tuple[int, np.ndarray] | None:
+    """(levels, heap node per training row) this process last computed for ``tree`` of the
+    session, if ``splits`` has the same splits over those levels (else None: route again)."""
+    cached = _routes.get((data.location, req.session_id))
+    if cached is None or cached[0] != tree or not gbdt.same_splits(cached[3], splits, cached[1]):
+        return None
+    return cached[1], cached[2]
+
+
 def _route(req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray) -> np.ndarray:
     """Heap node of every training row at this level: one level on from the last message
     when this process answered it, else routed from the root."""
-    key = (data.location, req.session_id)
-    cached = _routes.get(key)
-    if cached is not None and cached[:2] == (req.tree, req.level - 1) and req.level > 0:
-        node = gbdt.advance(req.current, binned, cached[2])
+    cached = _cached_route(req, data, req.tree, req.current)
+    if cached is not None and cached[0] == req.level - 1:
+        node = gbdt.advance(req.current, binned, cached[1])
     else:
         node = gbdt.route(req.current, binned, req.level)
     if len(_routes) >= 8:
         _routes.clear()
-    _routes[key] = (req.tree, req.level, node)
+    _routes[(data.location, req.session_id)] = (req.tree, req.level, node, req.current)
     return node
+
+
+def _previous_output(req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray) -> np.ndarray:
+    """The previous tree's leaf value for every training row: from where the rows were at
+    that tree's last level message (when this process answered it), else from the root."""
+    previous = req.previous
+    assert previous is not None
+    depth = int(np.log2(len(previous.feature) + 1)) - 1
+    cached = _cached_route(req, data, req.tree - 1, previous)
+    if cached is None:
+        return gbdt.tree_output(previous, binned)
+    levels, node = cached
+    for _ in range(depth - levels):
+        node = gbdt.advance(previous, binned, node)
+    return np.asarray(previous.value, dtype=np.float64)[node]
 
 
 def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
@@ -213,7 +239,7 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         if len(train) != len(y) or len(test) != len(y_test):
             raise m.ProtocolError(f"{what}: this platform's rows changed during the session")
         if req.previous is not None and not again:
-            train += gbdt.tree_output(req.previous, binned)
+            train += _previous_output(req, data, binned)
             test += gbdt.tree_output(req.previous, binned_test)
             trees += 1
     if req.level == 0:  # a new tree: the scores moved on (or started)

@@ -101,6 +101,34 @@ _ANSWERED = (
 )
 
 
+_SQL_ANSWERED = "SELECT 1 FROM query_log WHERE query_id = ? AND outcome = 'answered' LIMIT 1"
+_SQL_LAST = "SELECT seq, entry_hash FROM query_log ORDER BY seq DESC LIMIT 1"
+_SQL_INSERT = (
+    "INSERT INTO query_log (seq, query_id, kind, outcome, detail, received_at, prev_hash, "
+    "entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def last_hash(last: Any) -> str:
+    """The hash the next entry chains to: the last entry's, or ``GENESIS`` for the first."""
+    return str(last[1]) if last else GENESIS
+
+
+def _entry(
+    last: Any, query_id: str, kind: str, outcome: str, detail: dict[str, object]
+) -> tuple[dict[str, object], str]:
+    """The next entry (columns in ``QUERY_LOG_FIELDS`` order) after ``last`` and its hash."""
+    entry: dict[str, object] = {
+        "seq": int(last[0]) + 1 if last else 1,
+        "query_id": query_id,
+        "kind": kind,
+        "outcome": outcome,
+        "detail": json.dumps(detail, sort_keys=True),
+        "received_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    return entry, _entry_hash(last_hash(last), entry)
+
+
 def _wal_pragmas(dbapi_connection: Any, _record: Any) -> None:
     """Every connection of the log: commits append to the WAL without an fsync (see above)."""
     cursor = dbapi_connection.cursor()
@@ -141,31 +169,49 @@ class QueryLog:
         """Log ``query_id`` as answered, unless it already was: then log the refusal (with
         ``refused`` as its detail) and raise ``ReplayedQuery``.
 
-        One transaction for the check and the entry, so two processes of one node cannot both
-        answer an id between the check and the write, and one commit instead of two.
+        The check and the entry are one transaction and one commit. On SQLite it is taken
+        with ``BEGIN IMMEDIATE`` on the driver's connection (three prepared statements, no
+        SQL compilation): two processes of one node cannot both pass the check, and a reply
+        costs about a tenth of a millisecond here instead of three transactions.
         """
-        with _lock, self._ledger.transaction() as conn:
-            if conn.execute(_ANSWERED, {"query_id": query_id}).first() is None:
-                return self._insert(conn, query_id, kind, "answered", detail)
-            self._insert(conn, query_id, kind, "refused", refused)
-        raise ReplayedQuery(query_id)
+        if self._ledger.engine.dialect.name != "sqlite":
+            with _lock, self._ledger.transaction() as conn:
+                replay = conn.execute(_ANSWERED, {"query_id": query_id}).first() is not None
+                outcome = "refused" if replay else "answered"
+                digest = self._insert(conn, query_id, kind, outcome, refused if replay else detail)
+        else:
+            with _lock, self._ledger.engine.connect() as conn:
+                raw = conn.connection.driver_connection
+                cursor = raw.cursor()  # type: ignore[union-attr]
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    found = cursor.execute(_SQL_ANSWERED, (query_id,)).fetchone()
+                    replay = found is not None
+                    last = cursor.execute(_SQL_LAST).fetchone()
+                    outcome = "refused" if replay else "answered"
+                    entry, digest = _entry(
+                        last, query_id, kind, outcome, refused if replay else detail
+                    )
+                    cursor.execute(_SQL_INSERT, (*entry.values(), last_hash(last), digest))
+                    raw.commit()  # type: ignore[union-attr]
+                except BaseException:
+                    raw.rollback()  # type: ignore[union-attr]
+                    raise
+                finally:
+                    cursor.close()
+        if replay:
+            raise ReplayedQuery(query_id)
+        return digest
 
     @staticmethod
     def _insert(
         conn: Connection, query_id: str, kind: str, outcome: str, detail: dict[str, object]
     ) -> str:
         last = conn.execute(_LAST).first()
-        seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
-        entry = {
-            "seq": seq,
-            "query_id": query_id,
-            "kind": kind,
-            "outcome": outcome,
-            "detail": json.dumps(detail, sort_keys=True),
-            "received_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
-        digest = _entry_hash(prev, entry)
-        conn.execute(query_log.insert(), {**entry, "prev_hash": prev, "entry_hash": digest})
+        entry, digest = _entry(last, query_id, kind, outcome, detail)
+        conn.execute(
+            query_log.insert(), {**entry, "prev_hash": last_hash(last), "entry_hash": digest}
+        )
         return digest
 
     def verify(self) -> int:

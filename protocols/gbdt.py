@@ -213,6 +213,17 @@ def advance(tree: Tree, binned: np.ndarray, node: np.ndarray) -> np.ndarray:
     return np.where(internal, 2 * node + 1 + right, node)
 
 
+def same_splits(a: Tree, b: Tree, levels: int) -> bool:
+    """Whether two trees split the same way over their first ``levels`` levels (so rows
+    routed ``levels`` deep by one are where the other would put them)."""
+    top = 2**levels - 1
+    return (
+        len(a.feature) == len(b.feature)
+        and a.feature[:top] == b.feature[:top]
+        and a.threshold[:top] == b.threshold[:top]
+    )
+
+
 def tree_output(tree: Tree, binned: np.ndarray) -> np.ndarray:
     return np.asarray(tree.value, dtype=np.float64)[route(tree, binned)]
 
@@ -299,10 +310,13 @@ def node_sums(
 ) -> dict[str, np.ndarray]:
     """Summed gradient, hessian and row count per (requested node, cell of ``layout``).
 
-    Per node one sparse product ``indicator[rows].T @ [grad, hess, 1]``: each (row, feature)
-    of the node's rows is touched once, in compiled code, for the three sums together (about
-    twice as fast as three ``np.bincount`` per feature). ``indicator`` is ``one_hot(binned,
-    layout)``, passed in when the caller keeps it for the session.
+    Every (row, feature) of the requested nodes' rows is touched once, in compiled code.
+    For one or two nodes, one sparse product per node ``indicator[rows].T @ [grad, hess,
+    1]`` (the three sums together); for more, one ``np.bincount`` per sum over every (row,
+    feature) at once, with the cell index offset by the node (the per-node products' fixed
+    costs add up there). Both are two to four times faster than three ``np.bincount`` per
+    feature. ``indicator`` is ``one_hot(binned, layout)``, passed in when the caller keeps
+    it for the session.
     """
     if indicator is None:
         indicator = one_hot(binned, layout)
@@ -310,14 +324,30 @@ def node_sums(
     slot_of = np.full(max(int(node_of_row.max(initial=0)), *nodes) + 1, -1, dtype=np.int64)
     slot_of[nodes] = np.arange(len(nodes))
     slot = slot_of[node_of_row]
-    out = np.zeros((3, len(nodes), layout.cells))
-    for k in range(len(nodes)):
-        rows = np.flatnonzero(slot == k)
-        if len(rows) == 0:
-            continue
-        weights = np.column_stack([grad[rows], hess[rows], np.ones(len(rows))])
-        out[:, k] = (indicator[rows].T @ weights).T
-        out[:, k, single] = weights.sum(axis=0)[:, None]
+    K, C = len(nodes), layout.cells
+    out = np.zeros((3, K, C))
+    if K > 2:
+        keep = np.flatnonzero(slot >= 0)
+        # The indicator's column indices are each row's cells, one per multi-bin feature.
+        cells = indicator.indices.reshape(indicator.shape[0], -1)[keep]
+        idx = (cells + (slot[keep] * C)[:, None]).ravel()
+        out[2] = np.bincount(idx, minlength=K * C).reshape(K, C)
+        spread = np.empty(cells.shape)
+        for i, values in enumerate((grad, hess)):
+            spread[:] = values[keep][:, None]
+            out[i] = np.bincount(idx, spread.ravel(), K * C).reshape(K, C)
+        for i, values in enumerate((grad, hess, np.ones(len(slot)))):
+            out[i][:, single] = np.bincount(slot[keep], values[keep], K)[:, None]
+    else:
+        for k in range(K):
+            rows = np.flatnonzero(slot == k)
+            if len(rows) == 0:
+                continue
+            weights = np.column_stack([grad[rows], hess[rows], np.ones(len(rows))])
+            # Every row (a tree's root): no need to copy the matrix's rows out first.
+            part = indicator if len(rows) == indicator.shape[0] else indicator[rows]
+            out[:, k] = (part.T @ weights).T
+            out[:, k, single] = weights.sum(axis=0)[:, None]
     return {name: out[i] for i, name in enumerate(("grad", "hess", "count"))}
 
 

@@ -129,7 +129,8 @@ def test_node_histograms_are_the_per_node_sums(rows: int) -> None:
             assert np.allclose(got[name][slot], expected), (name, wanted)
 
 
-def test_node_sums_cover_only_the_cells_a_feature_has() -> None:
+@pytest.mark.parametrize("asked", [[2, 1], [0, 3, 2, 1]])  # sparse products; one bincount
+def test_node_sums_cover_only_the_cells_a_feature_has(asked: list[int]) -> None:
     """The compact layout: each feature's own bins, one-bin features as the node totals."""
     rng = np.random.default_rng(3)
     edges = [[0.5], [], [1.0, 2.0, 3.0], []]  # 2, 1, 4 and 1 bins
@@ -137,19 +138,22 @@ def test_node_sums_cover_only_the_cells_a_feature_has() -> None:
     binned = gbdt.bin_rows(X, edges)
     layout = gbdt.CellLayout.of(edges)
     assert layout.widths == (2, 1, 4, 1) and layout.cells == 8 and layout.bins == 4
-    grad, hess, node = rng.normal(size=500), rng.random(500), rng.integers(1, 3, 500)
-    got = gbdt.node_sums(binned, grad, hess, node, [2, 1], layout)
-    dense = gbdt.node_histograms(binned, grad, hess, node, [2, 1], layout.bins)
+    grad, hess, node = rng.normal(size=500), rng.random(500), rng.integers(1, 4, 500)
+    got = gbdt.node_sums(binned, grad, hess, node, asked, layout)
+    dense = gbdt.node_histograms(binned, grad, hess, node, asked, layout.bins)
     for name in ("grad", "hess", "count"):
-        assert got[name].shape == (2, 8)
+        assert got[name].shape == (len(asked), 8)
         assert np.allclose(layout.expand(got[name]), dense[name]), name
-    # Every feature's cells hold all of a node's rows, once.
-    for slot, wanted in enumerate([2, 1]):
+    for slot, wanted in enumerate(asked):
+        # Every feature's cells hold all of a node's rows, once (none for node 0 here).
         rows = int((node == wanted).sum())
         per_feature = np.add.reduceat(got["count"][slot], layout.offsets)
         assert np.array_equal(per_feature, [rows] * 4)
+        at = node == wanted
+        assert np.isclose(got["grad"][slot][2], grad[at].sum())  # the one-bin feature
+        assert np.isclose(got["grad"][slot][3:7].sum(), grad[at].sum())
     shared = gbdt.one_hot(binned, layout)  # kept for a session: the same sums
-    again = gbdt.node_sums(binned, grad, hess, node, [2, 1], layout, shared)
+    again = gbdt.node_sums(binned, grad, hess, node, asked, layout, shared)
     assert all(np.array_equal(again[k], got[k]) for k in got)
 
 
@@ -446,6 +450,7 @@ def test_boosting_needs_only_node_state_between_messages(
     def fresh_process(msg, context, call_next):  # type: ignore[no-untyped-def]
         boosting._binned.clear()
         boosting._routes.clear()
+        boosting._indicators.clear()
         return call_next(msg, context)
 
     runs = []
