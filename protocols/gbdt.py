@@ -382,31 +382,45 @@ def best_split(
     grad: np.ndarray, hess: np.ndarray, count: np.ndarray, min_child_rows: int = MIN_CHILD_ROWS
 ) -> Split | None:
     """The split of one node with the largest loss reduction, from its (feature, bin) sums."""
-    G, H = float(grad[0].sum()), float(hess[0].sum())
-    gl, hl, cl = (np.cumsum(a, axis=1)[:, :-1] for a in (grad, hess, count))
-    gr, hr, cr = G - gl, H - hl, count[0].sum() - cl
+    return best_splits(grad[None], hess[None], count[None], min_child_rows)[0]
+
+
+def best_splits(
+    grad: np.ndarray, hess: np.ndarray, count: np.ndarray, min_child_rows: int = MIN_CHILD_ROWS
+) -> list[Split | None]:
+    """``best_split`` of every node of a level at once, from its (node, feature, bin) sums
+    (one pass of array operations for the level instead of one per node)."""
+    G, H = grad[:, 0].sum(axis=1), hess[:, 0].sum(axis=1)
+    gl, hl, cl = (np.cumsum(a, axis=2)[:, :, :-1] for a in (grad, hess, count))
+    at = (slice(None), None, None)
+    gr, hr, cr = G[at] - gl, H[at] - hl, count[:, 0].sum(axis=1)[at] - cl
     ok = (cl >= min_child_rows) & (cr >= min_child_rows)
     ok &= (hl >= MIN_CHILD_HESSIAN) & (hr >= MIN_CHILD_HESSIAN)
-    gain = gl**2 / (hl + L2) + gr**2 / (hr + L2) - G**2 / (H + L2)
+    gain = gl**2 / (hl + L2) + gr**2 / (hr + L2) - (G**2 / (H + L2))[at]
     gain = np.where(ok, gain, -np.inf)
-    if not np.isfinite(gain).any():
-        return None
-    best = float(np.max(gain))
-    if best <= 1e-12:
-        return None
-    # Gains within TIE_TOLERANCE of the best are ties, and the first (feature, bin) wins:
-    # two features that part the rows the same way (a count and its indicator, say) tie
-    # exactly, and the rounding of a secure sum (or the order of a float sum) must not
-    # decide between them.
-    first = int(np.flatnonzero(gain.ravel() >= best - TIE_TOLERANCE * abs(best))[0])
-    f, b = np.unravel_index(first, gain.shape)
-    return Split(
-        int(f),
-        int(b),
-        float(gain[f, b]),
-        (float(gl[f, b]), float(hl[f, b]), float(cl[f, b])),
-        (float(gr[f, b]), float(hr[f, b]), float(cr[f, b])),
-    )
+    out: list[Split | None] = []
+    for k in range(len(gain)):
+        node_gain = gain[k]
+        best = float(np.max(node_gain)) if node_gain.size else -np.inf
+        if not np.isfinite(best) or best <= 1e-12:
+            out.append(None)
+            continue
+        # Gains within TIE_TOLERANCE of the best are ties, and the first (feature, bin) wins:
+        # two features that part the rows the same way (a count and its indicator, say) tie
+        # exactly, and the rounding of a secure sum (or the order of a float sum) must not
+        # decide between them.
+        first = int(np.flatnonzero(node_gain.ravel() >= best - TIE_TOLERANCE * abs(best))[0])
+        f, b = np.unravel_index(first, node_gain.shape)
+        out.append(
+            Split(
+                int(f),
+                int(b),
+                float(node_gain[f, b]),
+                (float(gl[k, f, b]), float(hl[k, f, b]), float(cl[k, f, b])),
+                (float(gr[k, f, b]), float(hr[k, f, b]), float(cr[k, f, b])),
+            )
+        )
+    return out
 
 
 # -- messages ---------------------------------------------------------------------------------

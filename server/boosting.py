@@ -358,11 +358,14 @@ def _grow_tree(
             )
         level_nodes = range(2**level - 1, 2 ** (level + 1) - 1)
         ask, derive = [], {}
-        for node in level_nodes:
-            if node not in sums:
-                continue  # under a leaf
-            g, h, c = sums[node]
-            split = gbdt.best_split(g, h, c)
+        here = [node for node in level_nodes if node in sums]  # the rest are under leaves
+        splits = (
+            gbdt.best_splits(*(np.stack([sums[node][i] for node in here]) for i in range(3)))
+            if here
+            else []
+        )
+        for node, split in zip(here, splits, strict=True):
+            g, h, _ = sums[node]
             if split is None:
                 value[node] = gbdt.leaf_value(float(g[0].sum()), float(h[0].sum()), lr)
                 continue
