@@ -418,6 +418,7 @@ def _federated_by_platform(
                 import torch
 
                 from protocols.model import build_model, predict_proba
+                from protocols.robust_features import RobustTransform
                 from protocols.scaling import Scaler
 
                 model = build_model(kind, len(features))
@@ -425,6 +426,9 @@ def _federated_by_platform(
                 scaler = Scaler(
                     np.asarray(meta["scaler"]["mean"]), np.asarray(meta["scaler"]["std"])
                 )
+                # The saved inputs are the robust features (log money, clipped), then scaled.
+                if spec := meta.get("robust_transform"):
+                    X = RobustTransform.from_dict(spec).transform(X)
                 scores = predict_proba(model, scaler.transform(X))
             out[data.platform][kind] = round(exact_auc_ks(y, scores)["auc"], 4)
     return out
