@@ -188,18 +188,27 @@ class Tree(Payload):
             raise ProtocolError("a tree threshold is outside the bins")
 
 
+def _step(
+    feature: np.ndarray, threshold: np.ndarray, binned: np.ndarray, node: np.ndarray
+) -> np.ndarray:
+    """Every row one level down from ``node`` (rows at a leaf stay). The row's bin of its
+    node's feature is read from the flat array (2-D fancy indexing is about 2.5x slower)."""
+    f = feature[node]
+    internal = f >= 0
+    rows, width = binned.shape
+    flat = np.arange(0, rows * width, width) + np.where(internal, f, 0)
+    right = np.ravel(binned)[flat] > threshold[node]
+    return np.where(internal, 2 * node + 1 + right, node)
+
+
 def route(tree: Tree, binned: np.ndarray, levels: int | None = None) -> np.ndarray:
     """Heap node of every row after ``levels`` levels of splits (all levels by default)."""
     feature = np.asarray(tree.feature, dtype=np.int64)
     threshold = np.asarray(tree.threshold, dtype=np.int64)
     depth = int(math.log2(len(feature) + 1)) - 1
     node = np.zeros(len(binned), dtype=np.int64)
-    rows = np.arange(len(binned))
     for _ in range(depth if levels is None else levels):
-        f = feature[node]
-        internal = f >= 0
-        right = binned[rows, np.where(internal, f, 0)] > threshold[node]
-        node = np.where(internal, 2 * node + 1 + right, node)
+        node = _step(feature, threshold, binned, node)
     return node
 
 
@@ -207,10 +216,7 @@ def advance(tree: Tree, binned: np.ndarray, node: np.ndarray) -> np.ndarray:
     """Rows at ``node`` one level further down ``tree`` (rows at a leaf stay)."""
     feature = np.asarray(tree.feature, dtype=np.int64)
     threshold = np.asarray(tree.threshold, dtype=np.int64)
-    f = feature[node]
-    internal = f >= 0
-    right = binned[np.arange(len(binned)), np.where(internal, f, 0)] > threshold[node]
-    return np.where(internal, 2 * node + 1 + right, node)
+    return _step(feature, threshold, binned, node)
 
 
 def same_splits(a: Tree, b: Tree, levels: int) -> bool:
