@@ -274,6 +274,10 @@ class CellLayout:
         """Width of the dense grid (``bins_needed`` of the edges)."""
         return max([*self.widths, 2])
 
+    def total(self, compact: np.ndarray) -> np.ndarray:
+        """A node's total over its rows: the sum over feature 0's cells."""
+        return compact[..., : self.widths[0]].sum(axis=-1)
+
     @property
     def offsets(self) -> np.ndarray:
         """First cell of each feature."""
@@ -388,21 +392,42 @@ def best_split(
     grad: np.ndarray, hess: np.ndarray, count: np.ndarray, min_child_rows: int = MIN_CHILD_ROWS
 ) -> Split | None:
     """The split of one node with the largest loss reduction, from its (feature, bin) sums."""
-    return best_splits(grad[None], hess[None], count[None], min_child_rows)[0]
+    layout = CellLayout.uniform(*grad.shape)
+    flat = (a.reshape(1, -1) for a in (grad, hess, count))
+    return best_splits(*flat, layout, min_child_rows)[0]
 
 
 def best_splits(
-    grad: np.ndarray, hess: np.ndarray, count: np.ndarray, min_child_rows: int = MIN_CHILD_ROWS
+    grad: np.ndarray,
+    hess: np.ndarray,
+    count: np.ndarray,
+    layout: CellLayout,
+    min_child_rows: int = MIN_CHILD_ROWS,
 ) -> list[Split | None]:
-    """``best_split`` of every node of a level at once, from its (node, feature, bin) sums
-    (one pass of array operations for the level instead of one per node)."""
-    G, H = grad[:, 0].sum(axis=1), hess[:, 0].sum(axis=1)
-    gl, hl, cl = (np.cumsum(a, axis=2)[:, :, :-1] for a in (grad, hess, count))
-    at = (slice(None), None, None)
-    gr, hr, cr = G[at] - gl, H[at] - hl, count[:, 0].sum(axis=1)[at] - cl
-    ok = (cl >= min_child_rows) & (cr >= min_child_rows)
+    """``best_split`` of every node of a level at once, from its (node, cell) sums in
+    ``layout`` (one pass of array operations over the cells a feature has, not the grid).
+
+    A split of feature ``f`` at bin ``b`` sends bins ``<= b`` left; every cell but a
+    feature's last is a candidate, in (feature, bin) order, so ties go to the same first
+    (feature, bin) as on the whole grid.
+    """
+    widths = np.asarray(layout.widths)
+    offsets = layout.offsets
+
+    def per_feature_cumsum(a: np.ndarray) -> np.ndarray:
+        running = np.cumsum(a, axis=1)
+        before = np.concatenate([np.zeros((len(a), 1)), running[:, :-1]], axis=1)[:, offsets]
+        return running - np.repeat(before, widths, axis=1)
+
+    # A node's totals: the sums over feature 0's cells (every row is in one of them).
+    G, H, N = (a[:, : widths[0]].sum(axis=1)[:, None] for a in (grad, hess, count))
+    gl, hl, cl = (per_feature_cumsum(a) for a in (grad, hess, count))
+    gr, hr, cr = G - gl, H - hl, N - cl
+    candidate = np.ones(layout.cells, dtype=bool)
+    candidate[offsets + widths - 1] = False
+    ok = candidate & (cl >= min_child_rows) & (cr >= min_child_rows)
     ok &= (hl >= MIN_CHILD_HESSIAN) & (hr >= MIN_CHILD_HESSIAN)
-    gain = gl**2 / (hl + L2) + gr**2 / (hr + L2) - (G**2 / (H + L2))[at]
+    gain = gl**2 / (hl + L2) + gr**2 / (hr + L2) - G**2 / (H + L2)
     gain = np.where(ok, gain, -np.inf)
     out: list[Split | None] = []
     for k in range(len(gain)):
@@ -415,15 +440,15 @@ def best_splits(
         # two features that part the rows the same way (a count and its indicator, say) tie
         # exactly, and the rounding of a secure sum (or the order of a float sum) must not
         # decide between them.
-        first = int(np.flatnonzero(node_gain.ravel() >= best - TIE_TOLERANCE * abs(best))[0])
-        f, b = np.unravel_index(first, node_gain.shape)
+        cell = int(np.flatnonzero(node_gain >= best - TIE_TOLERANCE * abs(best))[0])
+        f = int(np.searchsorted(offsets, cell, side="right")) - 1
         out.append(
             Split(
-                int(f),
-                int(b),
-                float(node_gain[f, b]),
-                (float(gl[k, f, b]), float(hl[k, f, b]), float(cl[k, f, b])),
-                (float(gr[k, f, b]), float(hr[k, f, b]), float(cr[k, f, b])),
+                f,
+                cell - int(offsets[f]),
+                float(node_gain[cell]),
+                (float(gl[k, cell]), float(hl[k, cell]), float(cl[k, cell])),
+                (float(gr[k, cell]), float(hr[k, cell]), float(cr[k, cell])),
             )
         )
     return out

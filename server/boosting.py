@@ -348,9 +348,8 @@ def _grow_tree(
             extras = {k: got[k] for k in ("hist-pos", "hist-neg", "test-loss")}
         elif summer.generation != generation:
             raise _SetChanged
-        grad, hess, count = (layout.expand(got[k]) for k in ("grad", "hess", "count"))
         for i, node in enumerate(ask):
-            sums[node] = (grad[i], hess[i], count[i])
+            sums[node] = (got["grad"][i], got["hess"][i], got["count"][i])
         for node, (parent, sibling) in derive.items():
             sums[node] = tuple(  # type: ignore[assignment]
                 np.clip(p - s, 0, None) if k else p - s
@@ -360,14 +359,16 @@ def _grow_tree(
         ask, derive = [], {}
         here = [node for node in level_nodes if node in sums]  # the rest are under leaves
         splits = (
-            gbdt.best_splits(*(np.stack([sums[node][i] for node in here]) for i in range(3)))
+            gbdt.best_splits(
+                *(np.stack([sums[node][i] for node in here]) for i in range(3)), layout
+            )
             if here
             else []
         )
         for node, split in zip(here, splits, strict=True):
             g, h, _ = sums[node]
             if split is None:
-                value[node] = gbdt.leaf_value(float(g[0].sum()), float(h[0].sum()), lr)
+                value[node] = gbdt.leaf_value(float(layout.total(g)), float(layout.total(h)), lr)
                 continue
             feature[node], threshold[node] = split.feature, split.threshold
             left, right = 2 * node + 1, 2 * node + 2

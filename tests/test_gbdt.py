@@ -157,6 +157,37 @@ def test_node_sums_cover_only_the_cells_a_feature_has(asked: list[int]) -> None:
     assert all(np.array_equal(again[k], got[k]) for k in got)
 
 
+def test_best_splits_on_the_compact_layout_are_the_grid_splits() -> None:
+    """A level's splits from the compact cells equal each node's split on the whole grid
+    (the cells past a feature's last bin are empty there and never win)."""
+    rng = np.random.default_rng(4)
+    layout = gbdt.CellLayout((5, 1, 8, 2, 3))
+    nodes = 6
+    count = rng.integers(0, 40, (nodes, layout.cells)).astype(float)
+    # Every feature's cells must hold the node's rows: rescale each feature to feature 0.
+    rows = count[:, : layout.widths[0]].sum(axis=1)
+    for f, (start, width) in enumerate(zip(layout.offsets, layout.widths, strict=True)):
+        part = count[:, start : start + width]
+        if f and width == 1:
+            part[:] = rows[:, None]
+        elif f:
+            share = rng.dirichlet(np.ones(width), nodes)
+            part[:] = np.floor(share * rows[:, None])
+            part[:, -1] += rows - part.sum(axis=1)
+    grad = rng.normal(size=count.shape) * count
+    hess = rng.random(count.shape) * count / 4
+    splits = gbdt.best_splits(grad, hess, count, layout)
+    for k in range(nodes):
+        dense = gbdt.best_split(*(layout.expand(a[k]) for a in (grad, hess, count)))
+        if dense is None:
+            assert splits[k] is None
+            continue
+        got = splits[k]
+        assert got is not None and (got.feature, got.threshold) == (dense.feature, dense.threshold)
+        assert got.gain == pytest.approx(dense.gain, rel=1e-9)
+        assert got.left[2] + got.right[2] == rows[k]
+
+
 def test_best_split_finds_the_informative_feature() -> None:
     rng = np.random.default_rng(2)
     bins = rng.integers(0, 8, size=(2000, 2))
