@@ -2,7 +2,7 @@
 
 Three messages (``protocols.gbdt``): ``query.gbdt_sketch`` (row counts over the common grid,
 for the bin edges, and the label count, for the starting score), ``query.gbdt_level``
-(summed gradient, hessian and row count per node, feature and bin) and
+(summed gradient, hessian and row count per node and cell: each feature's own bins) and
 ``query.gbdt_evaluate`` (score histograms of the finished model, like ``evaluate``).
 
 The running scores of the platform's training and held-out rows live in Flower's node state

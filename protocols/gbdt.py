@@ -10,8 +10,9 @@ every platform holds whole rows of its own borrowers, and a tree is grown from s
    the first sum, scaled by its quartiles; the bureau reads at most ``bins - 1`` quantile
    edges per feature off the second sum. Counts are sums, so they can be protected like
    every other sum; no row, minimum or maximum leaves a platform.
-2. **One message per tree level.** Each platform sends, per requested node, feature and bin,
-   the summed gradient, hessian and row count of its rows (logistic loss). The bureau adds
+2. **One message per tree level.** Each platform sends, per requested node, feature and bin
+   (only the bins a feature has: ``CellLayout``), the summed gradient, hessian and row count
+   of its rows (logistic loss). The bureau adds
    them, finds each node's best split, and asks next for the smaller child of every split
    only (the sibling is the parent minus it: half the traffic). The last level's leaf values
    come from the split sums, so a tree of depth ``D`` costs ``D`` round trips; the finished
