@@ -2,7 +2,7 @@
 
 Three messages (``protocols.gbdt``): ``query.gbdt_sketch`` (row counts over the common grid,
 for the bin edges, and the label count, for the starting score), ``query.gbdt_level``
-(summed gradient, hessian and row count per node, feature and bin) and
+(summed gradient, hessian and row count per node and cell: each feature's own bins) and
 ``query.gbdt_evaluate`` (score histograms of the finished model, like ``evaluate``).
 
 The running scores of the platform's training and held-out rows live in Flower's node state
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -107,8 +108,11 @@ def _digest(tree: gbdt.Tree | None) -> str:
 
 
 _binned: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
-# (location, session) -> (tree, level, heap node of every training row after ``level`` levels)
-_routes: dict[tuple[str, str], tuple[int, int, np.ndarray]] = {}
+# (location, session) -> the training rows' (feature, bin) indicator matrix (gbdt.one_hot)
+_indicators: dict[tuple[str, str], Any] = {}
+# (location, session) -> (tree, level, heap node of every training row after ``level``
+# levels, the tree those levels were read from)
+_routes: dict[tuple[str, str], tuple[int, int, np.ndarray, gbdt.Tree]] = {}
 
 
 def _binned_rows(
@@ -132,19 +136,58 @@ def _binned_rows(
     return _binned[key]
 
 
+def _indicator(
+    req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray, layout: gbdt.CellLayout
+) -> Any:
+    """The training rows' indicator matrix for this session: built by the first level message
+    this process answers, reused by the rest (like the bins: a cache, rebuilt on a miss)."""
+    key = (data.location, req.session_id)
+    found = _indicators.get(key)
+    if found is None or found.shape != (len(binned), layout.cells):
+        if len(_indicators) >= 4:
+            _indicators.clear()
+        found = _indicators[key] = gbdt.one_hot(binned, layout)
+    return found
+
+
+def _cached_route(
+    req: gbdt.LevelRequest, data: PlatformData, tree: int, splits: gbdt.Tree
+) -> tuple[int, np.ndarray] | None:
+    """(levels, heap node per training row) this process last computed for ``tree`` of the
+    session, if ``splits`` has the same splits over those levels (else None: route again)."""
+    cached = _routes.get((data.location, req.session_id))
+    if cached is None or cached[0] != tree or not gbdt.same_splits(cached[3], splits, cached[1]):
+        return None
+    return cached[1], cached[2]
+
+
 def _route(req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray) -> np.ndarray:
     """Heap node of every training row at this level: one level on from the last message
     when this process answered it, else routed from the root."""
-    key = (data.location, req.session_id)
-    cached = _routes.get(key)
-    if cached is not None and cached[:2] == (req.tree, req.level - 1) and req.level > 0:
-        node = gbdt.advance(req.current, binned, cached[2])
+    cached = _cached_route(req, data, req.tree, req.current)
+    if cached is not None and cached[0] == req.level - 1:
+        node = gbdt.advance(req.current, binned, cached[1])
     else:
         node = gbdt.route(req.current, binned, req.level)
     if len(_routes) >= 8:
         _routes.clear()
-    _routes[key] = (req.tree, req.level, node)
+    _routes[(data.location, req.session_id)] = (req.tree, req.level, node, req.current)
     return node
+
+
+def _previous_output(req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray) -> np.ndarray:
+    """The previous tree's leaf value for every training row: from where the rows were at
+    that tree's last level message (when this process answered it), else from the root."""
+    previous = req.previous
+    assert previous is not None
+    depth = int(np.log2(len(previous.feature) + 1)) - 1
+    cached = _cached_route(req, data, req.tree - 1, previous)
+    if cached is None:
+        return gbdt.tree_output(previous, binned)
+    levels, node = cached
+    for _ in range(depth - levels):
+        node = gbdt.advance(previous, binned, node)
+    return np.asarray(previous.value, dtype=np.float64)[node]
 
 
 def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
@@ -155,8 +198,10 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         first = req.edges
         assert first is not None  # validated: the first message carries them
         edges, edge_blob = (lambda: first), _edges_to_state(first)
+        layout = gbdt.CellLayout.of(first)
         for split in ("train", "test"):
             _binned.pop((data.location, req.session_id, split), None)
+        _indicators.pop((data.location, req.session_id), None)
     else:
         if state is None or state["session"] != req.session_id:
             raise m.ProtocolError(f"{what}: no boosting session {req.session_id} on this platform")
@@ -164,6 +209,7 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         counts = np.frombuffer(state["edge-counts"], dtype="<i8")  # type: ignore[arg-type]
         if len(counts) != len(req.features) or state["bins"] != req.bins:
             raise m.ProtocolError(f"{what}: features or bins differ from the session's")
+        layout = gbdt.CellLayout(tuple(int(c) + 1 for c in counts))
         saved = state
         edges = lambda: _edges_from_state(saved)  # noqa: E731 (read only on a cache miss)
     binned, y = _binned_rows(req, ctx, data, "train", edges)
@@ -193,14 +239,15 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         if len(train) != len(y) or len(test) != len(y_test):
             raise m.ProtocolError(f"{what}: this platform's rows changed during the session")
         if req.previous is not None and not again:
-            train += gbdt.tree_output(req.previous, binned)
+            train += _previous_output(req, data, binned)
             test += gbdt.tree_output(req.previous, binned_test)
             trees += 1
     if req.level == 0:  # a new tree: the scores moved on (or started)
         _save_state(ctx, req.session_id, trees, train, test, edge_blob, _digest(req.previous))
     p = gbdt.sigmoid(train)
     node = _route(req, data, binned)
-    sums = gbdt.node_histograms(binned, p - y, p * (1 - p), node, req.nodes, req.bins)
+    indicator = _indicator(req, data, binned, layout)
+    sums = gbdt.node_sums(binned, p - y, p * (1 - p), node, req.nodes, layout, indicator)
     if req.level == 0:
         # The model so far on the held-out rows, as sums: the bureau's per-tree history.
         hist = ScoreHistogram.of(gbdt.sigmoid(test), y_test)

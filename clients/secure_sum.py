@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import NoReturn
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from clients.node_identity import node_identity
 from clients.platform_data import PlatformData
-from clients.query_log import query_log_for
+from clients.query_log import QueryLog, ReplayedQuery, query_log_for
 from protocols import messages as m
 from protocols import secure_sum as ss
 from protocols.masking import MaskError
@@ -65,6 +66,13 @@ def _remember_round(ctx: Context, spec: ss.SecureSumSpec) -> None:
     record[_round_key(spec)] = ",".join(spec.participants)
 
 
+def _refuse_replay(audit: QueryLog | None, spec: ss.SecureSumSpec, what: str) -> NoReturn:
+    """Refuse a nonce already answered; ``audit`` logs the refusal (None: already logged)."""
+    if audit is not None:
+        audit.append(spec.nonce, f"secure_sum.{spec.kind}", "refused", {"reason": "replay"})
+    raise m.ProtocolError(f"{what}: secure-sum nonce {spec.nonce} already answered (replay)")
+
+
 def secure_reply(
     spec: ss.SecureSumSpec,
     values: Mapping[str, np.ndarray],
@@ -80,27 +88,34 @@ def secure_reply(
     if unknown:
         raise m.ProtocolError(f"{what}: participants not enrolled in this roster: {unknown}")
     audit = query_log_for(data.location)
-    if audit.answered(spec.nonce):
-        audit.append(spec.nonce, f"secure_sum.{spec.kind}", "refused", {"reason": "replay"})
-        raise m.ProtocolError(f"{what}: secure-sum nonce {spec.nonce} already answered (replay)")
-    _check_rerun(ctx, spec, what)
+    try:
+        _check_rerun(ctx, spec, what)
+    except m.ProtocolError:
+        if audit.answered(spec.nonce):  # a replay of the very same request: say so
+            _refuse_replay(audit, spec, what)
+        raise
     try:
         masked = ss.mask_values(
             values, node.name, node.agreement_key, node.roster_agreement_keys, spec
         )
     except (ss.SecureSumError, MaskError) as exc:
         raise m.ProtocolError(f"{what}: {exc}") from None
-    audit.append(
-        spec.nonce,
-        f"secure_sum.{spec.kind}",
-        "answered",
-        {
-            "session_id": spec.session_id,
-            "round_id": spec.round_id,
-            "participants": list(spec.participants),
-            "words": spec.count,
-            "reply_sha256": hashlib.sha256(masked).hexdigest(),
-        },
-    )
+    # The replay check and the log entry are one transaction, before the reply leaves:
+    # masking first costs nothing (a refused vector never leaves this process).
+    try:
+        audit.answer_once(
+            spec.nonce,
+            f"secure_sum.{spec.kind}",
+            {
+                "session_id": spec.session_id,
+                "round_id": spec.round_id,
+                "participants": list(spec.participants),
+                "words": spec.count,
+                "reply_sha256": hashlib.sha256(masked).hexdigest(),
+            },
+            refused={"reason": "replay"},
+        )
+    except ReplayedQuery:
+        _refuse_replay(None, spec, what)
     _remember_round(ctx, spec)
     return ss.reply_content(spec, masked)

@@ -125,10 +125,11 @@ def sketch_fields(features: int) -> list[SumField]:
     ]
 
 
-def level_fields(nodes: int, features: int, bins: int, first: bool) -> list[SumField]:
-    """Gradient and hessian sums (bounded by the rows), exact counts; level 0 adds the
-    held-out score histograms and (log-loss sum, rows) of the model so far."""
-    shape = (nodes, features, bins)
+def level_fields(nodes: int, cells: int, first: bool) -> list[SumField]:
+    """Gradient and hessian sums (bounded by the rows), exact counts, per (node, cell of the
+    session's ``gbdt.CellLayout``); level 0 adds the held-out score histograms and (log-loss
+    sum, rows) of the model so far."""
+    shape = (nodes, cells)
     fields = [
         SumField(name="grad", shape=shape, bound_bits=ROWS_BITS),
         SumField(name="hess", shape=shape, bound_bits=ROWS_BITS - 2),
@@ -319,8 +320,7 @@ def _grow_tree(
     depth, lr = model.params.depth, model.params.learning_rate
     n = gbdt.heap_size(depth)
     feature, threshold, value = [-1] * n, [0] * n, [0.0] * n
-    bins = gbdt.bins_needed(model.edges)
-    F = len(model.features)
+    layout = gbdt.CellLayout.of(model.edges)
     sums: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     ask, derive = [0], {}  # nodes to request; node -> (parent, sibling) to derive by subtraction
     extras: dict[str, np.ndarray] = {}
@@ -341,7 +341,7 @@ def _grow_tree(
             f"{tree_id}/level/{level}",
             "query.gbdt_level",
             request.to_content,
-            level_fields(len(ask), F, bins, level == 0),
+            level_fields(len(ask), layout.cells, level == 0),
         )
         if level == 0:
             generation = summer.generation  # a dropout during level 0 re-ran level 0 only
@@ -357,13 +357,18 @@ def _grow_tree(
             )
         level_nodes = range(2**level - 1, 2 ** (level + 1) - 1)
         ask, derive = [], {}
-        for node in level_nodes:
-            if node not in sums:
-                continue  # under a leaf
-            g, h, c = sums[node]
-            split = gbdt.best_split(g, h, c)
+        here = [node for node in level_nodes if node in sums]  # the rest are under leaves
+        splits = (
+            gbdt.best_splits(
+                *(np.stack([sums[node][i] for node in here]) for i in range(3)), layout
+            )
+            if here
+            else []
+        )
+        for node, split in zip(here, splits, strict=True):
+            g, h, _ = sums[node]
             if split is None:
-                value[node] = gbdt.leaf_value(float(g[0].sum()), float(h[0].sum()), lr)
+                value[node] = gbdt.leaf_value(float(layout.total(g)), float(layout.total(h)), lr)
                 continue
             feature[node], threshold[node] = split.feature, split.threshold
             left, right = 2 * node + 1, 2 * node + 2

@@ -275,6 +275,18 @@ COST_TREES = 5
 COST_REPEATS = 3
 
 
+def levels_asked(tree: gbdt.Tree, depth: int) -> int:
+    """Level messages a finished tree took: level ``l + 1`` is asked only when a node of
+    level ``l`` split and ``l + 1 < depth`` (the last level's leaves come from split sums)."""
+    asked = 1
+    for level in range(depth - 1):
+        nodes = range(2**level - 1, 2 ** (level + 1) - 1)
+        if not any(tree.feature[n] >= 0 for n in nodes):
+            break
+        asked += 1
+    return asked
+
+
 def round_costs(
     ledgers: list[str],
     enrolment: Enrolment,
@@ -288,10 +300,12 @@ def round_costs(
 
     Federated and pooled runs alternate ``COST_REPEATS`` times, and each side reports its
     median: alternating exposes both sides to the same conditions on a shared machine. Both
-    are the marginal cost of a tree: the federated round is timed from its first level
-    message to its last (bin edges agreed before); the pooled round is the extra time of
-    fitting ``4 * COST_TREES`` trees over ``COST_TREES`` in the same repeat (scikit-learn's
-    binning, checks and set-up cancel out).
+    are the marginal cost of a tree. The federated round is timed from a tree's first level
+    message to its last (bin edges agreed before), averaged over trees 2 to ``COST_TREES``:
+    the first tree's messages also make the platforms read and bin their rows, a one-off per
+    session (reported apart as ``federated_first_tree``). The pooled round is the extra time
+    of fitting ``4 * COST_TREES`` trees over ``COST_TREES`` in the same repeat (scikit-learn's
+    binning, checks and set-up cancel out the same way).
     """
     from server.boosting import train_boosted
 
@@ -301,24 +315,27 @@ def round_costs(
     longer = gbdt.BoostParams(4 * COST_TREES, boost.depth, boost.learning_rate, boost.bins)
     edges = gbdt.pooled_edges(X_train, boost.bins)
     plain_settings = short.model_copy(update={"secure_aggregation": False})
-    federated, parallel, pooled, plain = [], [], [], []
+    federated, first, parallel, pooled, plain = [], [], [], [], []
     for _ in range(COST_REPEATS):
         # The same trees without secure aggregation: what the masking and the platforms'
-        # logged answers (one durable query-log commit per reply) add to a round.
+        # logged answers (one query-log entry per reply) add to a round.
         app = build_client_app(ledgers, enrolment.identities, enrolment.roster)
         grid = InProcessGrid(app, len(ledgers))
         nodes = sorted(grid.get_node_ids())
         model = train_boosted(grid, nodes, "gbdt", "local", features, plain_settings)
-        plain.append(float(np.mean(model.round_seconds)))
+        plain.append(float(np.mean(model.round_seconds[1:])))
         timer.calls.clear()
         app = build_client_app(ledgers, enrolment.identities, enrolment.roster, [timer])
         grid = InProcessGrid(app, len(ledgers))
         nodes = sorted(grid.get_node_ids())
         names = {n: d.platform for n, d in describe_platforms(grid, nodes, short).items()}
         model = train_boosted(grid, nodes, "gbdt", "local", features, short, names)
-        per_round = float(np.mean(model.round_seconds))
+        per_round = float(np.mean(model.round_seconds[1:]))
         federated.append(per_round)
-        parallel.append(per_round - timer.saved_if_parallel("query.gbdt_level") / COST_TREES)
+        first.append(model.round_seconds[0])
+        skip = levels_asked(model.trees[0], boost.depth)
+        saved = timer.saved_if_parallel("query.gbdt_level", skip_batches=skip)
+        parallel.append(per_round - saved / (COST_TREES - 1))
         short_fit = gbdt.pooled_fit(X_train, y_train, small, edges)[2] * COST_TREES
         long_fit = gbdt.pooled_fit(X_train, y_train, longer, edges)[2] * 4 * COST_TREES
         pooled.append((long_fit - short_fit) / (3 * COST_TREES))
@@ -336,13 +353,15 @@ def round_costs(
         "secure_aggregation": bool(short.secure_aggregation),
         "federated_without_secure_aggregation": round(float(np.median(plain)), 5),
         "ratio_without_secure_aggregation": round(float(np.median(plain)) / pool, 2),
+        "federated_first_tree": round(float(np.median(first)), 5),
         "measured": (
-            f"median of {COST_REPEATS} alternating runs; federated ({COST_TREES} trees) "
-            "= every level message of a tree, the three platforms answering one after another "
-            "in this process (in-process transport: no serialisation or network), plus the "
-            "bureau's split finding; in parallel = the same with each level's platform work "
-            "counted at its slowest platform, as on separate machines; pooled = "
-            "HistGradientBoostingClassifier.fit on one thread, "
+            f"median of {COST_REPEATS} alternating runs; federated = every level message of "
+            f"a tree, mean over trees 2 to {COST_TREES} (the first tree also bins the "
+            "platforms' rows: federated_first_tree), the three platforms answering one after "
+            "another in this process (in-process transport: no serialisation or network), "
+            "plus the bureau's split finding; in parallel = the same with each level's "
+            "platform work counted at its slowest platform, as on separate machines; pooled "
+            "= HistGradientBoostingClassifier.fit on one thread, "
             f"({4 * COST_TREES} trees - {COST_TREES} trees) / {3 * COST_TREES}"
         ),
     }
@@ -360,12 +379,15 @@ class HandlerTimer:
         self.calls.append((msg.metadata.message_type, time.perf_counter() - started))
         return reply
 
-    def saved_if_parallel(self, message_type: str, platforms: int = len(PLATFORMS)) -> float:
+    def saved_if_parallel(
+        self, message_type: str, platforms: int = len(PLATFORMS), skip_batches: int = 0
+    ) -> float:
         """Seconds the platforms' answers to ``message_type`` would save if they ran side by
-        side: the in-process grid sends each batch to every platform in turn."""
+        side (the in-process grid sends each batch to every platform in turn), leaving out
+        the first ``skip_batches`` batches."""
         times = [t for kind, t in self.calls if kind == message_type]
         batches = [times[i : i + platforms] for i in range(0, len(times), platforms)]
-        return sum(sum(b) - max(b) for b in batches)
+        return sum(sum(b) - max(b) for b in batches[skip_batches:])
 
 
 def _federated_by_platform(
@@ -396,6 +418,7 @@ def _federated_by_platform(
                 import torch
 
                 from protocols.model import build_model, predict_proba
+                from protocols.robust_features import RobustTransform
                 from protocols.scaling import Scaler
 
                 model = build_model(kind, len(features))
@@ -403,6 +426,9 @@ def _federated_by_platform(
                 scaler = Scaler(
                     np.asarray(meta["scaler"]["mean"]), np.asarray(meta["scaler"]["std"])
                 )
+                # The saved inputs are the robust features (log money, clipped), then scaled.
+                if spec := meta.get("robust_transform"):
+                    X = RobustTransform.from_dict(spec).transform(X)
                 scores = predict_proba(model, scaler.transform(X))
             out[data.platform][kind] = round(exact_auc_ks(y, scores)["auc"], 4)
     return out

@@ -98,6 +98,10 @@ def write_platform_ledger(
     try:
         counts = _write(world, platform, write_target, tokens, key_id)
         if final_path is not None:
+            # The query log puts a ledger in WAL mode: a write-ahead log left beside the old
+            # file (a node still running, or killed) must not be read as the new file's.
+            for suffix in ("-wal", "-shm"):
+                final_path.with_name(final_path.name + suffix).unlink(missing_ok=True)
             os.replace(tmp, final_path)
     finally:
         if final_path is not None:
