@@ -129,7 +129,9 @@ def test_node_histograms_are_the_per_node_sums(rows: int) -> None:
             assert np.allclose(got[name][slot], expected), (name, wanted)
 
 
-@pytest.mark.parametrize("asked", [[2, 1], [0, 3, 2, 1]])  # sparse products; one bincount
+# A node of the level, several (one empty), and a root that holds every row (the matrix kept
+# for the session is used as it is there).
+@pytest.mark.parametrize("asked", [[2], [2, 1], [0, 3, 2, 1], [0]])
 def test_node_sums_cover_only_the_cells_a_feature_has(asked: list[int]) -> None:
     """The compact layout: each feature's own bins, one-bin features as the node totals."""
     rng = np.random.default_rng(3)
@@ -138,7 +140,8 @@ def test_node_sums_cover_only_the_cells_a_feature_has(asked: list[int]) -> None:
     binned = gbdt.bin_rows(X, edges)
     layout = gbdt.CellLayout.of(edges)
     assert layout.widths == (2, 1, 4, 1) and layout.cells == 8 and layout.bins == 4
-    grad, hess, node = rng.normal(size=500), rng.random(500), rng.integers(1, 4, 500)
+    grad, hess = rng.normal(size=500), rng.random(500)
+    node = np.zeros(500, dtype=np.int64) if asked == [0] else rng.integers(1, 4, 500)
     got = gbdt.node_sums(binned, grad, hess, node, asked, layout)
     dense = gbdt.node_histograms(binned, grad, hess, node, asked, layout.bins)
     for name in ("grad", "hess", "count"):
