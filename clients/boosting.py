@@ -61,7 +61,7 @@ def sketch(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
 
 
 def _state(ctx: Context) -> ConfigRecord | None:
-    return ctx.state.config_records.get(BOOST_STATE)
+    return m.config_record(ctx.state, BOOST_STATE)
 
 
 def _edges_to_state(edges: list[list[float]]) -> dict[str, bytes | int]:
@@ -88,7 +88,7 @@ def _save_state(
     edges: dict[str, bytes | int],
     previous: str,
 ) -> None:
-    ctx.state.config_records[BOOST_STATE] = ConfigRecord(
+    ctx.state[BOOST_STATE] = ConfigRecord(
         {
             "session": session,
             "trees": trees,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import threading
 from typing import Any
 
@@ -143,15 +144,39 @@ class QueryLog:
         self.location = location
         self._ledger = open_ledger(location)
         engine = self._ledger.engine
-        if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        self._file = engine.dialect.name == "sqlite" and engine.url.database not in (
+            None,
+            "",
+            ":memory:",
+        )
+        if self._file:
             event.listen(engine, "connect", _wal_pragmas)
             with engine.connect() as conn:
                 # Persistent in the database file; readers of the ledger are unaffected.
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         _metadata.create_all(engine)
+        self._held: Any = None  # (pid, pool connection) for ``answer_once``
+        self._held_pid = 0
 
     def close(self) -> None:
+        with _lock:
+            if self._held is not None:
+                self._held.close()  # back to the pool
+                self._held = None
         self._ledger.close()
+
+    def _driver(self) -> Any:
+        """The sqlite3 connection ``answer_once`` writes with, held for this process.
+
+        Checking a connection out of SQLAlchemy's pool and back for every entry (events,
+        reset on return) cost more than the entry itself. The connection is the pool's own
+        (WAL pragmas applied on connect) and is used under ``_lock`` only; a forked child
+        opens its own instead of sharing the parent's.
+        """
+        if self._held is None or self._held_pid != os.getpid():
+            self._held = self._ledger.engine.raw_connection()
+            self._held_pid = os.getpid()
+        return self._held.driver_connection
 
     def answered(self, query_id: str) -> bool:
         with self._ledger.engine.connect() as conn:
@@ -174,15 +199,15 @@ class QueryLog:
         SQL compilation): two processes of one node cannot both pass the check, and a reply
         costs about a tenth of a millisecond here instead of three transactions.
         """
-        if self._ledger.engine.dialect.name != "sqlite":
+        if not self._file:
             with _lock, self._ledger.transaction() as conn:
                 replay = conn.execute(_ANSWERED, {"query_id": query_id}).first() is not None
                 outcome = "refused" if replay else "answered"
                 digest = self._insert(conn, query_id, kind, outcome, refused if replay else detail)
         else:
-            with _lock, self._ledger.engine.connect() as conn:
-                raw = conn.connection.driver_connection
-                cursor = raw.cursor()  # type: ignore[union-attr]
+            with _lock:
+                raw = self._driver()
+                cursor = raw.cursor()
                 cursor.execute("BEGIN IMMEDIATE")
                 try:
                     found = cursor.execute(_SQL_ANSWERED, (query_id,)).fetchone()
@@ -193,9 +218,9 @@ class QueryLog:
                         last, query_id, kind, outcome, refused if replay else detail
                     )
                     cursor.execute(_SQL_INSERT, (*entry.values(), last_hash(last), digest))
-                    raw.commit()  # type: ignore[union-attr]
+                    raw.commit()
                 except BaseException:
-                    raw.rollback()  # type: ignore[union-attr]
+                    raw.rollback()
                     raise
                 finally:
                     cursor.close()

@@ -47,7 +47,7 @@ def _round_key(spec: ss.SecureSumSpec) -> str:
 
 
 def _check_rerun(ctx: Context, spec: ss.SecureSumSpec, what: str) -> None:
-    record = ctx.state.config_records.get(ROUNDS_STATE)
+    record = m.config_record(ctx.state, ROUNDS_STATE)
     previous = record.get(_round_key(spec)) if record is not None else None
     if isinstance(previous, str):
         before = set(previous.split(","))
@@ -60,9 +60,9 @@ def _check_rerun(ctx: Context, spec: ss.SecureSumSpec, what: str) -> None:
 
 
 def _remember_round(ctx: Context, spec: ss.SecureSumSpec) -> None:
-    record = ctx.state.config_records.get(ROUNDS_STATE)
+    record = m.config_record(ctx.state, ROUNDS_STATE)
     if record is None:
-        record = ctx.state.config_records[ROUNDS_STATE] = ConfigRecord()
+        record = ctx.state[ROUNDS_STATE] = ConfigRecord()
     record[_round_key(spec)] = ",".join(spec.participants)
 
 

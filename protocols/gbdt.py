@@ -353,9 +353,7 @@ def node_sums(
         if K > 1:
             cells += (kept * C).astype(index)[:, None]
         indptr = np.arange(n + 1, dtype=index) * per_row
-        matrix = sparse.csr_matrix(
-            (np.ones(n * per_row), cells.ravel(), indptr), shape=(n, K * C)
-        )
+        matrix = sparse.csr_matrix((np.ones(n * per_row), cells.ravel(), indptr), shape=(n, K * C))
         weights = np.column_stack([grad[keep], hess[keep], np.ones(n)])
     out = np.ascontiguousarray(np.asarray(matrix.T @ weights).reshape(K, C, 3).transpose(2, 0, 1))
     single = layout.offsets[np.asarray(layout.widths) == 1]

@@ -49,6 +49,7 @@ import json
 import math
 import secrets
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Annotated, Literal
 
 import numpy as np
@@ -56,7 +57,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flwr.app import ConfigRecord, RecordDict
 from pydantic import (
     BaseModel,
@@ -70,7 +70,8 @@ from pydantic import (
 )
 
 from protocols.identity import PLATFORM_NAME_PATTERN
-from protocols.masking import MaskError, pairwise_secret
+from protocols.masking import MaskError, pairwise_secret, public_bytes
+from protocols.messages import config_record
 
 INFO_TAG = b"fedcredit/secure-sum/v1"
 SPEC_KEY = "secure-sum"  # config record of a request (the spec) and of a reply (the vector)
@@ -173,7 +174,7 @@ class SecureSumSpec(BaseModel):
             fields=tuple(fields),
         )
 
-    @property
+    @cached_property
     def count(self) -> int:
         """Words in one masked vector: every field's entries plus the check word."""
         return sum(f.words for f in self.fields) + 1
@@ -194,6 +195,11 @@ class SecureSumSpec(BaseModel):
         raise KeyError(name)
 
     def canonical_bytes(self) -> bytes:
+        return self.canonical_json
+
+    @cached_property
+    def canonical_json(self) -> bytes:
+        """Once per spec (frozen): each pair's mask seed and the reply's checks read it."""
         doc = {
             "fields": [
                 [f.name, list(f.shape), f.bound_bits, f.integer, f.limbs] for f in self.fields
@@ -278,8 +284,14 @@ def dequantise(total: np.ndarray, spec: SecureSumSpec) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------- masks
 
 
-def _public_bytes(private: X25519PrivateKey) -> bytes:
-    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+def _keystream(shared: bytes, spec: SecureSumSpec, low: str, high: str) -> np.ndarray:
+    """The pair's ``spec.count`` mask words, read-only (a view of the ChaCha20 output)."""
+    info = INFO_TAG + spec.canonical_bytes() + b"\x00" + low.encode() + b"\x00" + high.encode()
+    seed = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=bytes.fromhex(spec.nonce), info=info
+    ).derive(bytes(shared))
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    return np.frombuffer(stream.update(bytes(spec.count * WORD_BYTES)), dtype="<u8")
 
 
 def pair_stream(shared: bytes, spec: SecureSumSpec, low: str, high: str) -> np.ndarray:
@@ -288,12 +300,33 @@ def pair_stream(shared: bytes, spec: SecureSumSpec, low: str, high: str) -> np.n
         raise MaskError(f"pair must be ordered: {low!r} < {high!r} does not hold")
     if low not in spec.participants or high not in spec.participants:
         raise MaskError(f"pair ({low}, {high}) is not within the participant set")
-    info = INFO_TAG + spec.canonical_bytes() + b"\x00" + low.encode() + b"\x00" + high.encode()
-    seed = HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=bytes.fromhex(spec.nonce), info=info
-    ).derive(bytes(shared))
-    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(stream.update(bytes(spec.count * WORD_BYTES)), dtype="<u8").copy()
+    return _keystream(shared, spec, low, high).copy()
+
+
+def _add_mask(
+    out: np.ndarray,
+    own_name: str,
+    own_private: X25519PrivateKey,
+    roster_keys: Mapping[str, bytes],
+    spec: SecureSumSpec,
+) -> np.ndarray:
+    """``out`` plus this platform's mask, in place (``uint64`` wraps: the group law)."""
+    if own_name not in spec.participants:
+        raise MaskError(f"{own_name!r} is not a participant of this secure sum")
+    missing = [p for p in spec.participants if p not in roster_keys]
+    if missing:
+        raise MaskError(f"participant(s) not in the pinned roster: {', '.join(missing)}")
+    if bytes(roster_keys[own_name]) != public_bytes(own_private):
+        raise MaskError(f"the roster's agreement key for {own_name!r} is not this platform's key")
+    for peer in spec.participants:
+        if peer == own_name:
+            continue
+        shared = pairwise_secret(own_private, roster_keys[peer])
+        if own_name < peer:
+            out += _keystream(shared, spec, own_name, peer)
+        else:
+            out -= _keystream(shared, spec, peer, own_name)
+    return out
 
 
 def platform_mask(
@@ -303,23 +336,9 @@ def platform_mask(
     spec: SecureSumSpec,
 ) -> np.ndarray:
     """``sum(+pair if own < peer else -pair)`` over every other participant, in ``Z_{2^64}``."""
-    if own_name not in spec.participants:
-        raise MaskError(f"{own_name!r} is not a participant of this secure sum")
-    missing = [p for p in spec.participants if p not in roster_keys]
-    if missing:
-        raise MaskError(f"participant(s) not in the pinned roster: {', '.join(missing)}")
-    if bytes(roster_keys[own_name]) != _public_bytes(own_private):
-        raise MaskError(f"the roster's agreement key for {own_name!r} is not this platform's key")
-    mask = np.zeros(spec.count, dtype=np.uint64)
-    for peer in spec.participants:
-        if peer == own_name:
-            continue
-        shared = pairwise_secret(own_private, roster_keys[peer])
-        if own_name < peer:
-            mask += pair_stream(shared, spec, own_name, peer)
-        else:
-            mask -= pair_stream(shared, spec, peer, own_name)
-    return mask
+    return _add_mask(
+        np.zeros(spec.count, dtype=np.uint64), own_name, own_private, roster_keys, spec
+    )
 
 
 def mask_values(
@@ -330,8 +349,8 @@ def mask_values(
     spec: SecureSumSpec,
 ) -> bytes:
     """One platform's reply: its quantised values plus its mask, little-endian bytes."""
-    masked = quantise(values, spec) + platform_mask(own_name, own_private, roster_keys, spec)
-    return masked.astype("<u8").tobytes()
+    masked = _add_mask(quantise(values, spec), own_name, own_private, roster_keys, spec)
+    return masked.astype("<u8", copy=False).tobytes()
 
 
 def unmask_sum(replies: Sequence[bytes], spec: SecureSumSpec) -> dict[str, np.ndarray]:
@@ -359,13 +378,13 @@ def words_of(blob: object, spec: SecureSumSpec) -> np.ndarray:
 
 def attach_spec(content: RecordDict, spec: SecureSumSpec) -> RecordDict:
     """Put the spec beside a message's own records (a train/evaluate/feature_stats request)."""
-    content.config_records[SPEC_KEY] = ConfigRecord({"spec": spec.model_dump_json().encode()})
+    content[SPEC_KEY] = ConfigRecord({"spec": spec.model_dump_json().encode()})
     return content
 
 
 def spec_of(content: RecordDict, what: str) -> SecureSumSpec | None:
     """The request's spec, None when it asks for plain replies; ``SecureSumError`` if bad."""
-    record = content.config_records.get(SPEC_KEY)
+    record = config_record(content, SPEC_KEY)
     if record is None:
         return None
     raw = record.get("spec")
@@ -385,7 +404,7 @@ def reply_content(spec: SecureSumSpec, masked: bytes) -> RecordDict:
 
 def masked_of(content: RecordDict, spec: SecureSumSpec) -> bytes:
     """The masked vector of a reply, checked against the spec it answers."""
-    record = content.config_records.get(SPEC_KEY)
+    record = config_record(content, SPEC_KEY)
     if record is None or record.get("nonce") != spec.nonce:
         raise SecureSumError("the reply does not answer this secure sum (nonce)")
     blob = record.get("masked")
