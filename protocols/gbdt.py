@@ -416,42 +416,48 @@ def best_splits(
     """
     widths = np.asarray(layout.widths)
     offsets = layout.offsets
-
-    def per_feature_cumsum(a: np.ndarray) -> np.ndarray:
-        running = np.cumsum(a, axis=1)
-        before = np.concatenate([np.zeros((len(a), 1)), running[:, :-1]], axis=1)[:, offsets]
-        return running - np.repeat(before, widths, axis=1)
-
+    # (sum, node, cell): the three sums go through every array operation together.
+    sums = np.stack([grad, hess, count]).astype(np.float64, copy=False)
+    K = sums.shape[1]
     # A node's totals: the sums over feature 0's cells (every row is in one of them).
-    G, H, N = (a[:, : widths[0]].sum(axis=1)[:, None] for a in (grad, hess, count))
-    gl, hl, cl = (per_feature_cumsum(a) for a in (grad, hess, count))
-    gr, hr, cr = G - gl, H - hl, N - cl
+    total = sums[:, :, : widths[0]].sum(axis=2)[:, :, None]
+    # Left sums per feature: the running sum less what came before the feature's first cell.
+    running = np.cumsum(sums, axis=2)
+    before = np.concatenate([np.zeros((3, K, 1)), running[:, :, :-1]], axis=2)[:, :, offsets]
+    left = running - np.repeat(before, widths, axis=2)
+    right = total - left
+    (gl, hl, cl), (gr, hr, cr), (G, H, _) = left, right, total
     candidate = np.ones(layout.cells, dtype=bool)
     candidate[offsets + widths - 1] = False
     ok = candidate & (cl >= min_child_rows) & (cr >= min_child_rows)
     ok &= (hl >= MIN_CHILD_HESSIAN) & (hr >= MIN_CHILD_HESSIAN)
     gain = gl**2 / (hl + L2) + gr**2 / (hr + L2) - G**2 / (H + L2)
     gain = np.where(ok, gain, -np.inf)
+    best = gain.max(axis=1) if gain.shape[1] else np.full(K, -np.inf)
+    # Gains within TIE_TOLERANCE of the best are ties, and the first (feature, bin) wins:
+    # two features that part the rows the same way (a count and its indicator, say) tie
+    # exactly, and the rounding of a secure sum (or the order of a float sum) must not
+    # decide between them.
+    splits = np.isfinite(best) & (best > 1e-12)
+    with np.errstate(invalid="ignore"):
+        near = gain >= (best - TIE_TOLERANCE * np.abs(best))[:, None]
+    cells = np.argmax(near, axis=1)
+    features = np.searchsorted(offsets, cells, side="right") - 1
+    at = np.arange(K)
+    chosen = np.stack([left[:, at, cells], right[:, at, cells]]).tolist()  # (side, sum, node)
+    gains, thresholds = gain[at, cells].tolist(), (cells - offsets[features]).tolist()
     out: list[Split | None] = []
-    for k in range(len(gain)):
-        node_gain = gain[k]
-        best = float(np.max(node_gain)) if node_gain.size else -np.inf
-        if not np.isfinite(best) or best <= 1e-12:
+    for k in range(K):
+        if not splits[k]:
             out.append(None)
             continue
-        # Gains within TIE_TOLERANCE of the best are ties, and the first (feature, bin) wins:
-        # two features that part the rows the same way (a count and its indicator, say) tie
-        # exactly, and the rounding of a secure sum (or the order of a float sum) must not
-        # decide between them.
-        cell = int(np.flatnonzero(node_gain >= best - TIE_TOLERANCE * abs(best))[0])
-        f = int(np.searchsorted(offsets, cell, side="right")) - 1
         out.append(
             Split(
-                f,
-                cell - int(offsets[f]),
-                float(node_gain[cell]),
-                (float(gl[k, cell]), float(hl[k, cell]), float(cl[k, cell])),
-                (float(gr[k, cell]), float(hr[k, cell]), float(cr[k, cell])),
+                int(features[k]),
+                thresholds[k],
+                gains[k],
+                (chosen[0][0][k], chosen[0][1][k], chosen[0][2][k]),
+                (chosen[1][0][k], chosen[1][1][k], chosen[1][2][k]),
             )
         )
     return out

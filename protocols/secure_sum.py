@@ -49,7 +49,7 @@ import json
 import math
 import secrets
 from collections.abc import Mapping, Sequence
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Annotated, Literal
 
 import numpy as np
@@ -227,6 +227,53 @@ def quantise(values: Mapping[str, np.ndarray], spec: SecureSumSpec) -> np.ndarra
         raise SecureSumError(
             f"fields {sorted(values)} do not match the requested {sorted(expected)}"
         )
+    if all(f.limbs == 1 for f in spec.fields):
+        fast = _quantise_at_once(values, spec)
+        if fast is not None:
+            return fast
+    return _quantise_by_field(values, spec)
+
+
+@lru_cache(maxsize=64)
+def _entry_layout(
+    fields: tuple[tuple[int, int, int, bool], ...],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fraction bits, bound and whether integer, per entry of one-limb fields end to end
+    (``fields``: (size, fraction bits, bound bits, integer) of each)."""
+    sizes = [size for size, *_ in fields]
+    exps = np.repeat([frac for _, frac, _, _ in fields], sizes).astype(np.int32)
+    bounds = np.repeat([2.0**bits for _, _, bits, _ in fields], sizes)
+    integer = np.repeat([whole for *_, whole in fields], sizes).astype(bool)
+    for a in (exps, bounds, integer):
+        a.flags.writeable = False
+    return exps, bounds, integer
+
+
+def _quantise_at_once(values: Mapping[str, np.ndarray], spec: SecureSumSpec) -> np.ndarray | None:
+    """``quantise`` of one-limb fields as one vector: the same checks and the same words as
+    field by field, in a few array operations instead of ten per field (a level reply has
+    three to six fields). None if a check fails: the field-by-field path then names it."""
+    parts = []
+    for f in spec.fields:
+        x = np.asarray(values[f.name], dtype=np.float64)
+        if x.shape != f.shape:
+            return None
+        parts.append(x.ravel())
+    flat = np.concatenate(parts)
+    exps, bounds, integer = _entry_layout(
+        tuple((f.size, spec.frac_bits(f), f.bound_bits, f.integer) for f in spec.fields)
+    )
+    if not np.isfinite(flat).all() or (np.abs(flat) > bounds).any():
+        return None
+    if integer.any() and (integer & (flat != np.rint(flat))).any():
+        return None
+    out = np.empty(spec.count, dtype=np.uint64)
+    out[:-1] = np.rint(np.ldexp(flat, exps)).astype(np.int64).view(np.uint64)
+    out[-1] = 1  # the check word
+    return out
+
+
+def _quantise_by_field(values: Mapping[str, np.ndarray], spec: SecureSumSpec) -> np.ndarray:
     out = np.empty(spec.count, dtype=np.uint64)
     at = 0
     for f in spec.fields:
