@@ -113,6 +113,8 @@ _indicators: dict[tuple[str, str], Any] = {}
 # (location, session) -> (tree, level, heap node of every training row after ``level``
 # levels, the tree those levels were read from)
 _routes: dict[tuple[str, str], tuple[int, int, np.ndarray, gbdt.Tree]] = {}
+# (location, session) -> (the state's training scores, labels, gradient, hessian)
+_gradients: dict[tuple[str, str], tuple[bytes, np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
 def _binned_rows(
@@ -175,6 +177,27 @@ def _route(req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray) -> np
     return node
 
 
+def _gradients_at(
+    data: PlatformData, session: str, scores: bytes, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logistic-loss gradient and hessian of the training rows at the node state's scores.
+
+    They are the same at every level of a tree, so they are computed at its first level
+    message and reused, keyed by the very bytes object the state holds the scores in (and
+    the labels array): a state read afresh (another process, a new tree) computes them again.
+    """
+    key = (data.location, session)
+    hit = _gradients.get(key)
+    if hit is not None and hit[0] is scores and hit[1] is y:
+        return hit[2], hit[3]
+    p = gbdt.sigmoid(np.frombuffer(scores, dtype="<f8"))
+    grad, hess = p - y, p * (1 - p)
+    if len(_gradients) >= 8:
+        _gradients.clear()
+    _gradients[key] = (scores, y, grad, hess)
+    return grad, hess
+
+
 def _previous_output(req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray) -> np.ndarray:
     """The previous tree's leaf value for every training row: from where the rows were at
     that tree's last level message (when this process answered it), else from the root."""
@@ -234,20 +257,24 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
                 f"{what}: tree {req.tree} level {req.level} does not follow on from the "
                 f"{trees} tree(s) this platform holds"
             )
-        train = np.frombuffer(state["train"], dtype="<f8").copy()  # type: ignore[arg-type]
-        test = np.frombuffer(state["test"], dtype="<f8").copy()  # type: ignore[arg-type]
-        if len(train) != len(y) or len(test) != len(y_test):
+        saved_train, saved_test = state["train"], state["test"]
+        if len(saved_train) != 8 * len(y) or len(saved_test) != 8 * len(y_test):  # type: ignore[arg-type]
             raise m.ProtocolError(f"{what}: this platform's rows changed during the session")
-        if req.previous is not None and not again:
-            train += _previous_output(req, data, binned)
-            test += gbdt.tree_output(req.previous, binned_test)
-            trees += 1
+        if req.level == 0:
+            train = np.frombuffer(saved_train, dtype="<f8").copy()  # type: ignore[arg-type]
+            test = np.frombuffer(saved_test, dtype="<f8").copy()  # type: ignore[arg-type]
+            if req.previous is not None and not again:
+                train += _previous_output(req, data, binned)
+                test += gbdt.tree_output(req.previous, binned_test)
+                trees += 1
     if req.level == 0:  # a new tree: the scores moved on (or started)
         _save_state(ctx, req.session_id, trees, train, test, edge_blob, _digest(req.previous))
-    p = gbdt.sigmoid(train)
+        state = _state(ctx)
+    assert state is not None
+    grad, hess = _gradients_at(data, req.session_id, state["train"], y)  # type: ignore[arg-type]
     node = _route(req, data, binned)
     indicator = _indicator(req, data, binned, layout)
-    sums = gbdt.node_sums(binned, p - y, p * (1 - p), node, req.nodes, layout, indicator)
+    sums = gbdt.node_sums(binned, grad, hess, node, req.nodes, layout, indicator)
     if req.level == 0:
         # The model so far on the held-out rows, as sums: the bureau's per-tree history.
         hist = ScoreHistogram.of(gbdt.sigmoid(test), y_test)

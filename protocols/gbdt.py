@@ -156,6 +156,9 @@ def heap_size(depth: int) -> int:
     return 2 ** (depth + 1) - 1
 
 
+_HEAP_SIZES = frozenset(heap_size(d) for d in range(MAX_DEPTH + 1))
+
+
 class Tree(Payload):
     """One tree in heap layout: per node its feature (-1: leaf), bin threshold, leaf value."""
 
@@ -165,16 +168,16 @@ class Tree(Payload):
 
     @model_validator(mode="after")
     def _shape(self) -> Self:
+        # Built-in min/max/map over the lists: every level message carries one or two trees.
         n = len(self.feature)
-        if not n == len(self.threshold) == len(self.value) or n not in {
-            heap_size(d) for d in range(MAX_DEPTH + 1)
-        }:
+        if not n == len(self.threshold) == len(self.value) or n not in _HEAP_SIZES:
             raise ValueError("feature, threshold and value must be one complete binary heap")
-        if not all(math.isfinite(v) for v in self.value):
+        if not all(map(math.isfinite, self.value)):
             raise ValueError("non-finite leaf value")
-        for i, f in enumerate(self.feature):
-            if f >= 0 and 2 * i + 2 >= n:
-                raise ValueError(f"node {i} splits but has no children in the heap")
+        last = (n - 1) // 2  # the first node of the last level: nodes from here have no children
+        if max(self.feature[last:], default=-1) >= 0:
+            i = last + next(i for i, f in enumerate(self.feature[last:]) if f >= 0)
+            raise ValueError(f"node {i} splits but has no children in the heap")
         return self
 
     @classmethod
@@ -183,9 +186,9 @@ class Tree(Payload):
         return cls(feature=[-1] * n, threshold=[0] * n, value=[0.0] * n)
 
     def check_against(self, n_features: int, bins: int) -> None:
-        if any(f >= n_features or f < -1 for f in self.feature):
+        if min(self.feature) < -1 or max(self.feature) >= n_features:
             raise ProtocolError("a tree splits on a feature outside the feature list")
-        if any(not 0 <= t < bins for t in self.threshold):
+        if min(self.threshold) < 0 or max(self.threshold) >= bins:
             raise ProtocolError("a tree threshold is outside the bins")
 
 

@@ -485,6 +485,7 @@ def test_boosting_needs_only_node_state_between_messages(
         boosting._binned.clear()
         boosting._routes.clear()
         boosting._indicators.clear()
+        boosting._gradients.clear()
         return call_next(msg, context)
 
     runs = []
