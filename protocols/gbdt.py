@@ -374,14 +374,23 @@ def node_sums(
         if K > 1:
             cells += (kept * C).astype(index)[:, None]
         indptr = np.arange(n + 1, dtype=index) * per_row
-        matrix = sparse.csr_matrix((np.ones(n * per_row), cells.ravel(), indptr), shape=(n, K * C))
+        # The indicator's data is all ones: its first n * per_row entries serve (a view).
+        ones = indicator.data[: n * per_row]
+        matrix = sparse.csr_matrix((ones, cells.ravel(), indptr), shape=(n, K * C))
         weights = np.column_stack([grad[keep], hess[keep], np.ones(n)])
     out = np.ascontiguousarray(np.asarray(matrix.T @ weights).reshape(K, C, 3).transpose(2, 0, 1))
-    single = layout.offsets[np.asarray(layout.widths) == 1]
+    widths = np.asarray(layout.widths)
+    single = layout.offsets[widths == 1]
     if len(single):
-        # A one-bin feature's cell holds all of a node's rows: the node's totals.
-        for i in range(3):
-            out[i][:, single] = np.bincount(kept, weights[:, i], K)[:, None]
+        # A one-bin feature's cell holds all of a node's rows: the node's totals, read off
+        # the cells of a feature in the matrix (every row is in one of them).
+        multi = np.flatnonzero(widths >= 2)
+        if len(multi):
+            first = int(layout.offsets[multi[0]])
+            totals = out[:, :, first : first + int(widths[multi[0]])].sum(axis=2)
+        else:
+            totals = np.stack([np.bincount(kept, weights[:, i], K) for i in range(3)])
+        out[:, :, single] = totals[:, :, None]
     return {name: out[i] for i, name in enumerate(("grad", "hess", "count"))}
 
 
