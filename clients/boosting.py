@@ -134,7 +134,7 @@ def _binned_rows(
         if len(_binned) >= 8:
             _binned.clear()
         X, y = _rows(req, ctx, data, split)
-        _binned[key] = (gbdt.bin_rows(X, edges()), y)
+        _binned[key] = (gbdt.small_bins(gbdt.bin_rows(X, edges())), y)
     return _binned[key]
 
 
