@@ -462,16 +462,22 @@ def best_splits(
     total = sums[:, :, : widths[0]].sum(axis=2)[:, :, None]
     # Left sums per feature: the running sum less what came before the feature's first cell.
     running = np.cumsum(sums, axis=2)
-    before = np.concatenate([np.zeros((3, K, 1)), running[:, :, :-1]], axis=2)[:, :, offsets]
-    left = running - np.repeat(before, widths, axis=2)
+    before = running[:, :, offsets - 1]  # the running sum at each feature's previous cell
+    before[:, :, 0] = 0.0
+    left = running
+    left -= np.repeat(before, widths, axis=2)
     right = total - left
     (gl, hl, cl), (gr, hr, cr), (G, H, _) = left, right, total
     candidate = np.ones(layout.cells, dtype=bool)
     candidate[offsets + widths - 1] = False
-    ok = candidate & (cl >= min_child_rows) & (cr >= min_child_rows)
-    ok &= (hl >= MIN_CHILD_HESSIAN) & (hr >= MIN_CHILD_HESSIAN)
-    gain = gl**2 / (hl + L2) + gr**2 / (hr + L2) - G**2 / (H + L2)
-    gain = np.where(ok, gain, -np.inf)
+    ok = candidate & (cl >= min_child_rows)
+    ok &= cr >= min_child_rows
+    ok &= hl >= MIN_CHILD_HESSIAN
+    ok &= hr >= MIN_CHILD_HESSIAN
+    gain = np.square(gl) / (hl + L2)
+    gain += np.square(gr) / (hr + L2)
+    gain -= np.square(G) / (H + L2)
+    gain[~ok] = -np.inf
     best = gain.max(axis=1) if gain.shape[1] else np.full(K, -np.inf)
     # Gains within TIE_TOLERANCE of the best are ties, and the first (feature, bin) wins:
     # two features that part the rows the same way (a count and its indicator, say) tie

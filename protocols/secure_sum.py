@@ -237,15 +237,18 @@ def quantise(values: Mapping[str, np.ndarray], spec: SecureSumSpec) -> np.ndarra
 @lru_cache(maxsize=64)
 def _entry_layout(
     fields: tuple[tuple[int, int, int, bool], ...],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fraction bits, bound and whether integer, per entry of one-limb fields end to end
-    (``fields``: (size, fraction bits, bound bits, integer) of each)."""
+) -> tuple[np.ndarray, np.ndarray, tuple[slice, ...]]:
+    """Fraction bits and bound per entry of one-limb fields end to end, and where the
+    integer fields lie (``fields``: (size, fraction bits, bound bits, integer) of each)."""
     sizes = [size for size, *_ in fields]
     exps = np.repeat([frac for _, frac, _, _ in fields], sizes).astype(np.int32)
     bounds = np.repeat([2.0**bits for _, _, bits, _ in fields], sizes)
-    integer = np.repeat([whole for *_, whole in fields], sizes).astype(bool)
-    for a in (exps, bounds, integer):
+    for a in (exps, bounds):
         a.flags.writeable = False
+    ends = np.cumsum([0, *sizes])
+    integer = tuple(
+        slice(int(ends[i]), int(ends[i + 1])) for i, (*_, whole) in enumerate(fields) if whole
+    )
     return exps, bounds, integer
 
 
@@ -263,10 +266,12 @@ def _quantise_at_once(values: Mapping[str, np.ndarray], spec: SecureSumSpec) -> 
     exps, bounds, integer = _entry_layout(
         tuple((f.size, spec.frac_bits(f), f.bound_bits, f.integer) for f in spec.fields)
     )
-    if not np.isfinite(flat).all() or (np.abs(flat) > bounds).any():
+    if not (np.abs(flat) <= bounds).all():  # also False for NaN and infinities
         return None
-    if integer.any() and (integer & (flat != np.rint(flat))).any():
-        return None
+    for part in integer:
+        whole = flat[part]
+        if not np.array_equal(whole, np.rint(whole)):
+            return None
     out = np.empty(spec.count, dtype=np.uint64)
     out[:-1] = np.rint(np.ldexp(flat, exps)).astype(np.int64).view(np.uint64)
     out[-1] = 1  # the check word
