@@ -78,6 +78,7 @@ SPEC_KEY = "secure-sum"  # config record of a request (the spec) and of a reply 
 CHECK_FIELD = "__participants__"
 WORD_BYTES = 8
 LIMB_BITS = 32
+PACKED_BITS = 32  # a packed field's half word
 HEADROOM_BITS = 62  # |sum| < 2**62 < 2**63: a signed 64-bit integer recovers it exactly
 MAX_BOUND_BITS = 60
 MAX_ENTRIES = 4_000_000  # 32 MB of masked words per reply
@@ -105,6 +106,17 @@ class SumField(BaseModel):
     # Two limbs carry 32 more fraction bits: the high word as usual, the low word a 32-bit
     # digit (P such digits sum without overflow), for fields with a wide dynamic range.
     limbs: Literal[1, 2] = 1
+    # Two entries per word (the first in the low 32 bits): for non-negative counts whose
+    # sum over every participant stays below 2**32, so no carry crosses the halves. Halves
+    # the words (masks, digests, messages) of a count histogram; the masks still cover whole
+    # words, so each reply word stays uniform.
+    packed: bool = False
+
+    @model_validator(mode="after")
+    def _packing(self) -> SumField:
+        if self.packed and (not self.integer or self.limbs != 1):
+            raise ValueError("only one-limb integer fields can be packed")
+        return self
 
     @field_validator("shape")
     @classmethod
@@ -119,7 +131,7 @@ class SumField(BaseModel):
 
     @property
     def words(self) -> int:
-        return self.size * self.limbs
+        return (self.size + 1) // 2 if self.packed else self.size * self.limbs
 
 
 class SecureSumSpec(BaseModel):
@@ -148,6 +160,11 @@ class SecureSumSpec(BaseModel):
         if self.count > MAX_ENTRIES:  # before anything allocates it
             raise ValueError(f"{self.count} entries exceed the limit of {MAX_ENTRIES}")
         for f in self.fields:
+            if f.packed and f.bound_bits + self._participant_bits > PACKED_BITS:
+                raise ValueError(
+                    f"field {f.name}: {len(self.participants)} sums of entries up to "
+                    f"2**{f.bound_bits} do not fit the {PACKED_BITS} bits of a packed half"
+                )
             if self.frac_bits(f) < 0:
                 raise ValueError(
                     f"field {f.name}: bound 2**{f.bound_bits} leaves no room for "
@@ -179,8 +196,14 @@ class SecureSumSpec(BaseModel):
         """Words in one masked vector: every field's entries plus the check word."""
         return sum(f.words for f in self.fields) + 1
 
+    @property
+    def _participant_bits(self) -> int:
+        return math.ceil(math.log2(len(self.participants)))
+
     def frac_bits(self, f: SumField) -> int:
-        room = HEADROOM_BITS - f.bound_bits - math.ceil(math.log2(len(self.participants)))
+        if f.packed:
+            return 0  # whole counts, two to a word
+        room = HEADROOM_BITS - f.bound_bits - self._participant_bits
         return room + LIMB_BITS * (f.limbs - 1)
 
     def error_bound(self, name: str) -> float:
@@ -202,7 +225,9 @@ class SecureSumSpec(BaseModel):
         """Once per spec (frozen): each pair's mask seed and the reply's checks read it."""
         doc = {
             "fields": [
-                [f.name, list(f.shape), f.bound_bits, f.integer, f.limbs] for f in self.fields
+                [f.name, list(f.shape), f.bound_bits, f.integer, f.limbs]
+                + (["packed"] if f.packed else [])
+                for f in self.fields
             ],
             "kind": self.kind,
             "nonce": self.nonce,
@@ -253,18 +278,20 @@ def _entry_layout(
 
 
 def _quantise_at_once(values: Mapping[str, np.ndarray], spec: SecureSumSpec) -> np.ndarray | None:
-    """``quantise`` of one-limb fields as one vector: the same checks and the same words as
-    field by field, in a few array operations instead of ten per field (a level reply has
-    three to six fields). None if a check fails: the field-by-field path then names it."""
+    """``quantise`` of one-limb fields with the unpacked ones as one vector: the same checks
+    and the same words as field by field, in a few array operations instead of ten per
+    field (a level reply has three to six fields). None if a check fails: the
+    field-by-field path then names it."""
+    plain = [f for f in spec.fields if not f.packed]
     parts = []
-    for f in spec.fields:
+    for f in plain:
         x = np.asarray(values[f.name], dtype=np.float64)
         if x.shape != f.shape:
             return None
         parts.append(x.ravel())
-    flat = np.concatenate(parts)
+    flat = np.concatenate(parts) if parts else np.empty(0)
     exps, bounds, integer = _entry_layout(
-        tuple((f.size, spec.frac_bits(f), f.bound_bits, f.integer) for f in spec.fields)
+        tuple((f.size, spec.frac_bits(f), f.bound_bits, f.integer) for f in plain)
     )
     if not (np.abs(flat) <= bounds).all():  # also False for NaN and infinities
         return None
@@ -272,8 +299,19 @@ def _quantise_at_once(values: Mapping[str, np.ndarray], spec: SecureSumSpec) -> 
         whole = flat[part]
         if not np.array_equal(whole, np.rint(whole)):
             return None
-    out = np.empty(spec.count, dtype=np.uint64)
-    out[:-1] = np.rint(np.ldexp(flat, exps)).astype(np.int64).view(np.uint64)
+    words = np.rint(np.ldexp(flat, exps)).astype(np.int64).view(np.uint64)
+    if len(plain) == len(spec.fields):
+        out = np.empty(spec.count, dtype=np.uint64)
+        out[:-1] = words
+    else:
+        pieces, at = [], 0
+        for f in spec.fields:
+            if f.packed:
+                pieces.append(_packed_words(values[f.name], f))
+            else:
+                pieces.append(words[at : at + f.size])
+                at += f.size
+        out = np.concatenate([*pieces, np.zeros(1, dtype=np.uint64)])
     out[-1] = 1  # the check word
     return out
 
@@ -282,6 +320,10 @@ def _quantise_by_field(values: Mapping[str, np.ndarray], spec: SecureSumSpec) ->
     out = np.empty(spec.count, dtype=np.uint64)
     at = 0
     for f in spec.fields:
+        if f.packed:
+            out[at : at + f.words] = _packed_words(values[f.name], f)
+            at += f.words
+            continue
         x = np.asarray(values[f.name], dtype=np.float64)
         if x.shape != f.shape:
             raise SecureSumError(f"field {f.name}: shape {x.shape}, expected {f.shape}")
@@ -309,6 +351,37 @@ def _quantise_by_field(values: Mapping[str, np.ndarray], spec: SecureSumSpec) ->
     return out
 
 
+def _packed_words(value: np.ndarray, f: SumField) -> np.ndarray:
+    """A packed field's words: entry ``2i`` in the low half of word ``i``, ``2i + 1`` in the
+    high half. Refuses what ``quantise`` refuses, and negative entries."""
+    x = np.asarray(value, dtype=np.float64)
+    if x.shape != f.shape:
+        raise SecureSumError(f"field {f.name}: shape {x.shape}, expected {f.shape}")
+    x = x.ravel()
+    if not (np.abs(x) <= 2.0**f.bound_bits).all():
+        if not np.isfinite(x).all():
+            raise SecureSumError(f"field {f.name}: non-finite value")
+        raise SecureSumError(
+            f"field {f.name}: a value of magnitude {float(np.abs(x).max()):.4g} exceeds "
+            f"the secure-sum bound 2**{f.bound_bits}"
+        )
+    if not np.array_equal(x, np.rint(x)):
+        raise SecureSumError(f"field {f.name}: non-integer value in an integer field")
+    if x.size and float(x.min()) < 0:
+        raise SecureSumError(f"field {f.name}: a negative value in a packed count field")
+    halves = np.zeros(2 * f.words, dtype=np.uint64)
+    halves[: x.size] = x.astype(np.uint64)
+    return halves[0::2] | (halves[1::2] << np.uint64(PACKED_BITS))
+
+
+def _unpacked(words: np.ndarray, f: SumField) -> np.ndarray:
+    """A packed field's summed entries (each half summed without carry: see SumField)."""
+    halves = np.empty(2 * len(words), dtype=np.uint64)
+    halves[0::2] = words & np.uint64(2**PACKED_BITS - 1)
+    halves[1::2] = words >> np.uint64(PACKED_BITS)
+    return halves[: f.size].astype(np.float64).reshape(f.shape)
+
+
 def dequantise(total: np.ndarray, spec: SecureSumSpec) -> dict[str, np.ndarray]:
     """The float sums from the wrapped ``uint64`` sum; refuses if the check word is not P."""
     total = np.asarray(total, dtype=np.uint64)
@@ -323,6 +396,10 @@ def dequantise(total: np.ndarray, spec: SecureSumSpec) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     at = 0
     for f in spec.fields:
+        if f.packed:
+            out[f.name] = _unpacked(total[at : at + f.words], f)
+            at += f.words
+            continue
         value = signed[at : at + f.size].astype(np.float64)
         if f.limbs == 2:
             # The low digits sum to less than P * 2**32: no carry was lost in 64 bits.

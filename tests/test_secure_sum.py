@@ -218,3 +218,49 @@ def test_secure_fedavg_equals_flower_fedavg_within_the_quantisation_error() -> N
         assert a.dtype == b.dtype and a.shape == b.shape
         # float32 storage dominates: the secure sum's own error is ~1e-10 here
         assert np.max(np.abs(a - b)) <= tolerance + 2 * np.finfo(np.float32).eps * np.abs(a).max()
+
+
+def test_packed_counts_sum_exactly_in_half_the_words() -> None:
+    """Two counts to a word: the halves sum without a carry, so the counts come back exact;
+    negative, fractional or too-wide counts are refused, and so is a spec whose summed
+    halves could overflow."""
+    rng = np.random.default_rng(7)
+    packed = [
+        ss.SumField(name="g", shape=(2, 5), bound_bits=24),
+        ss.SumField(name="count", shape=(2, 5), bound_bits=24, integer=True, packed=True),
+        ss.SumField(name="hist", shape=(7,), bound_bits=24, integer=True, packed=True),
+    ]
+    spec = _spec(fields=packed)
+    assert spec.count == 10 + 5 + 4 + 1  # odd sizes take a half word of padding
+    values = {
+        n: {
+            "g": rng.normal(0, 100, (2, 5)),
+            "count": rng.integers(0, 2**24, (2, 5)).astype(float),
+            "hist": rng.integers(0, 2**24, 7).astype(float),
+        }
+        for n in NAMES
+    }
+    masked = _masked(spec, values)
+    total = ss.unmask_sum(list(masked.values()), spec)
+    for name in ("count", "hist"):
+        assert np.array_equal(total[name], sum(values[n][name] for n in NAMES)), name
+        assert spec.error_bound(name) == 0.0
+    assert np.allclose(total["g"], sum(values[n]["g"] for n in NAMES))
+    # The same words whichever way the platform quantises.
+    assert np.array_equal(
+        ss.quantise(values["bank-a"], spec), ss._quantise_by_field(values["bank-a"], spec)
+    )
+    for bad, reason in (
+        (-values["bank-a"]["count"], "negative"),
+        (values["bank-a"]["count"] + 0.5, "non-integer"),
+        (values["bank-a"]["count"] * 2**8, "exceeds"),
+    ):
+        with pytest.raises(ss.SecureSumError, match=reason):
+            ss.quantise({**values["bank-a"], "count": bad}, spec)
+    with pytest.raises(ValidationError, match="packed half"):
+        names = [f"p{i:02d}" for i in range(64)]
+        ss.SecureSumSpec.fresh(
+            "s", "r", "train", names, [packed[1].model_copy(update={"bound_bits": 27})]
+        )
+    with pytest.raises(ValidationError, match="integer fields can be packed"):
+        ss.SumField(name="g", shape=(2,), bound_bits=24, packed=True)
