@@ -125,11 +125,11 @@ class SumField(BaseModel):
             raise ValueError("negative dimension")
         return value
 
-    @property
+    @cached_property
     def size(self) -> int:
         return math.prod(self.shape)
 
-    @property
+    @cached_property
     def words(self) -> int:
         return (self.size + 1) // 2 if self.packed else self.size * self.limbs
 
@@ -300,18 +300,18 @@ def _quantise_at_once(values: Mapping[str, np.ndarray], spec: SecureSumSpec) -> 
         if not np.array_equal(whole, np.rint(whole)):
             return None
     words = np.rint(np.ldexp(flat, exps)).astype(np.int64).view(np.uint64)
+    out = np.empty(spec.count, dtype=np.uint64)
     if len(plain) == len(spec.fields):
-        out = np.empty(spec.count, dtype=np.uint64)
         out[:-1] = words
     else:
-        pieces, at = [], 0
+        at, taken = 0, 0
         for f in spec.fields:
             if f.packed:
-                pieces.append(_packed_words(values[f.name], f))
+                out[at : at + f.words] = _packed_words(values[f.name], f)
             else:
-                pieces.append(words[at : at + f.size])
-                at += f.size
-        out = np.concatenate([*pieces, np.zeros(1, dtype=np.uint64)])
+                out[at : at + f.words] = words[taken : taken + f.size]
+                taken += f.size
+            at += f.words
     out[-1] = 1  # the check word
     return out
 
@@ -358,27 +358,28 @@ def _packed_words(value: np.ndarray, f: SumField) -> np.ndarray:
     if x.shape != f.shape:
         raise SecureSumError(f"field {f.name}: shape {x.shape}, expected {f.shape}")
     x = x.ravel()
-    if not (np.abs(x) <= 2.0**f.bound_bits).all():
+    in_range = x >= 0
+    in_range &= x <= 2.0**f.bound_bits  # False for NaN too
+    if not in_range.all():
         if not np.isfinite(x).all():
             raise SecureSumError(f"field {f.name}: non-finite value")
+        if float(x.min()) < 0:
+            raise SecureSumError(f"field {f.name}: a negative value in a packed count field")
         raise SecureSumError(
             f"field {f.name}: a value of magnitude {float(np.abs(x).max()):.4g} exceeds "
             f"the secure-sum bound 2**{f.bound_bits}"
         )
-    if not np.array_equal(x, np.rint(x)):
+    # Little-endian 32-bit halves read as 64-bit words: entry 2i low, 2i + 1 high.
+    halves = np.zeros(2 * f.words, dtype="<u4")
+    halves[: x.size] = x  # whole numbers below 2**32 (the bound): exact
+    if not np.array_equal(halves[: x.size], x):
         raise SecureSumError(f"field {f.name}: non-integer value in an integer field")
-    if x.size and float(x.min()) < 0:
-        raise SecureSumError(f"field {f.name}: a negative value in a packed count field")
-    halves = np.zeros(2 * f.words, dtype=np.uint64)
-    halves[: x.size] = x.astype(np.uint64)
-    return halves[0::2] | (halves[1::2] << np.uint64(PACKED_BITS))
+    return halves.view("<u8").astype(np.uint64, copy=False)
 
 
 def _unpacked(words: np.ndarray, f: SumField) -> np.ndarray:
     """A packed field's summed entries (each half summed without carry: see SumField)."""
-    halves = np.empty(2 * len(words), dtype=np.uint64)
-    halves[0::2] = words & np.uint64(2**PACKED_BITS - 1)
-    halves[1::2] = words >> np.uint64(PACKED_BITS)
+    halves = np.ascontiguousarray(words, dtype="<u8").view("<u4")
     return halves[: f.size].astype(np.float64).reshape(f.shape)
 
 
