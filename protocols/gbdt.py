@@ -370,7 +370,7 @@ def node_sums(
     slot_of[nodes] = np.arange(K)
     slot = slot_of[node_of_row]
     if K == 1 and rows and int(slot.min()) == 0:  # every row is in the one node
-        matrix, kept = indicator, slot
+        transposed, kept = indicator.T, slot
         weights = np.column_stack([grad, hess, np.ones(rows)])
     else:
         keep = np.flatnonzero(slot >= 0)
@@ -385,9 +385,10 @@ def node_sums(
         indptr = np.arange(n + 1, dtype=index) * per_row
         # The indicator's data is all ones: its first n * per_row entries serve (a view).
         ones = indicator.data[: n * per_row]
-        matrix = sparse.csr_matrix((ones, cells.ravel(), indptr), shape=(n, K * C))
+        # Built as M.T directly (CSC over the same arrays): one constructor, not two.
+        transposed = sparse.csc_matrix((ones, cells.ravel(), indptr), shape=(K * C, n))
         weights = np.column_stack([grad[keep], hess[keep], np.ones(n)])
-    out = np.ascontiguousarray(np.asarray(matrix.T @ weights).reshape(K, C, 3).transpose(2, 0, 1))
+    out = np.ascontiguousarray(np.asarray(transposed @ weights).reshape(K, C, 3).transpose(2, 0, 1))
     widths = np.asarray(layout.widths)
     single = layout.offsets[widths == 1]
     if len(single):
