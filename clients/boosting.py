@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,13 @@ def sketch(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     counts = gbdt.sketch_counts(X, np.asarray(req.centre), np.asarray(req.scale))
     sums = {"counts": counts, "labels": np.array([float(len(y)), float(y.sum())])}
     return _reply(msg, sums, ctx, data, "query.gbdt_sketch")
+
+
+@lru_cache(maxsize=16)
+def _layout_of(edge_counts: bytes) -> gbdt.CellLayout:
+    """The session's cell layout from the edge counts in its node state (once per session)."""
+    counts = np.frombuffer(edge_counts, dtype="<i8")
+    return gbdt.CellLayout(tuple(int(c) + 1 for c in counts))
 
 
 def _state(ctx: Context) -> ConfigRecord | None:
@@ -232,7 +240,7 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         counts = np.frombuffer(state["edge-counts"], dtype="<i8")  # type: ignore[arg-type]
         if len(counts) != len(req.features) or state["bins"] != req.bins:
             raise m.ProtocolError(f"{what}: features or bins differ from the session's")
-        layout = gbdt.CellLayout(tuple(int(c) + 1 for c in counts))
+        layout = _layout_of(state["edge-counts"])  # type: ignore[arg-type]
         saved = state
         edges = lambda: _edges_from_state(saved)  # noqa: E731 (read only on a cache miss)
     binned, y = _binned_rows(req, ctx, data, "train", edges)

@@ -296,11 +296,11 @@ class CellLayout:
     def uniform(cls, features: int, bins: int) -> CellLayout:
         return cls((bins,) * features)
 
-    @property
+    @cached_property
     def cells(self) -> int:
         return sum(self.widths)
 
-    @property
+    @cached_property
     def bins(self) -> int:
         """Width of the dense grid (``bins_needed`` of the edges)."""
         return max([*self.widths, 2])
@@ -309,10 +309,12 @@ class CellLayout:
         """A node's total over its rows: the sum over feature 0's cells."""
         return compact[..., : self.widths[0]].sum(axis=-1)
 
-    @property
+    @cached_property
     def offsets(self) -> np.ndarray:
-        """First cell of each feature."""
-        return np.concatenate([[0], np.cumsum(self.widths)[:-1]]).astype(np.int64)
+        """First cell of each feature (read-only; computed once per layout)."""
+        offsets = np.concatenate([[0], np.cumsum(self.widths)[:-1]]).astype(np.int64)
+        offsets.flags.writeable = False
+        return offsets
 
     def expand(self, compact: np.ndarray) -> np.ndarray:
         """``(..., cells)`` -> ``(..., features, bins)``, zeros where a feature has no bin."""
