@@ -358,11 +358,13 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
     Stops when the run is stopped (``flwr stop``), or when ``state_dir/stop`` appears.
     """
     import uvicorn
+    from flwr.app import Message
 
-    from server.federation import describe_platforms, wait_for_nodes
+    from protocols import messages as m
+    from server.federation import wait_for_nodes
     from server.keyholder_client import connect_keyholder
     from server.keyholder_service import announcement_json
-    from server.serving import open_serving_session
+    from server.serving import open_serving_session, send_and_collect
 
     config = ServeConfig.load(settings.serve_config)
     state = Path(config.state_dir)
@@ -381,6 +383,33 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
     # Discovery must not wait the batch run's long timeouts on a platform that is down.
     quick = settings.model_copy(update={"timeout": max(4 * config.hop_timeout_s, 30.0)})
 
+    def discover() -> tuple[dict[str, int], frozenset[int]]:
+        """Platform -> node id of every SuperNode that describes itself now, and every node
+        id listed. A node that fails or does not answer is left out (a stopped SuperNode stays
+        listed until its heartbeat lapses), so one dead node id cannot block a new session."""
+        listed = frozenset(grid.get_node_ids())
+        request = m.DescribeRequest(test_share=settings.test_share).to_content()
+        messages = [Message(request, dst_node_id=n, message_type="query.describe") for n in listed]
+        nodes: dict[str, int] = {}
+        key_ids: set[str] = set()
+        for reply in send_and_collect(grid, messages, quick.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %s left out of the session: %s", node, reply.error.reason)
+                continue
+            try:
+                described = m.PlatformDescription.from_content(reply.content, f"node {node}")
+            except m.ProtocolError as exc:
+                log.warning("node %s left out of the session: %s", node, exc)
+                continue
+            if described.platform in nodes:
+                raise RuntimeError(f"two nodes claim the platform name {described.platform!r}")
+            nodes[described.platform] = node
+            key_ids.add(described.key_id)
+        if len(key_ids) > 1:
+            raise RuntimeError(f"platforms enrolled under different federation keys: {key_ids}")
+        return nodes, listed
+
     def refresh() -> None:
         """A new serving session over the platforms online now (node ids may have changed:
         a restarted SuperNode comes back with an empty node state, so its secret is gone).
@@ -388,10 +417,11 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
         t0 = time.perf_counter()
         if keeper is not None:
             keeper.stop_all(grid, wait_s=max(2 * config.hop_timeout_s, 10.0))
-        node_ids = wait_for_nodes(grid, settings)
-        described = describe_platforms(grid, node_ids, quick)
-        nodes = {d.platform: n for n, d in described.items()}
+        if "session" not in holder:
+            wait_for_nodes(grid, settings)
+        nodes, listed = discover()
         if len(nodes) < settings.min_participants:
+            holder["failed_listing"] = listed
             raise RuntimeError(f"{len(nodes)} platforms online, {settings.min_participants} needed")
         session = open_serving_session(
             grid,
@@ -405,12 +435,34 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
         session.channel = keeper
         holder["known"] = holder.get("known", set()) | set(session.participants)
         holder["session"] = session
+        holder["listing"] = listed
         holder["stale"] = False
         if keeper is not None:
             keeper.start(grid, session)
         log.info("serving session ready in %.1f s", time.perf_counter() - t0)
 
+    def keep_fresh() -> None:
+        """Open a fresh session when the current one expired, or when it is stale (a hop
+        failed) or the SuperNodes changed (a participant's node left the listing, or a node id
+        appeared that was not listed when the session opened: a restarted SuperNode) and
+        either the retry time passed or the listing differs from the last failed attempt's.
+        Called before every round, so a question asked after a platform rejoined is answered
+        by a session that includes it."""
+        session = holder["session"]
+        listed = frozenset(grid.get_node_ids())
+        changed = bool(listed - holder["listing"]) or not set(session.nodes.values()) <= listed
+        retry = time.monotonic() >= holder["retry_at"] or listed != holder.get("failed_listing")
+        if not (session.expired or ((holder["stale"] or changed) and retry)):
+            return
+        try:
+            refresh()
+        except Exception as exc:  # keep answering (naming the missing) and retry
+            log.warning("serving session refresh failed, retrying later: %s", exc)
+            holder["retry_at"] = time.monotonic() + 2 * config.hop_timeout_s
+            holder["failed_listing"] = frozenset(grid.get_node_ids())
+
     def answer_round(questions: Sequence[Question]) -> list[QuestionAnswer]:
+        keep_fresh()
         session = holder["session"]
         answers = session.ask(grid, questions, keyholder)
         if any(a.missing for a in answers):
@@ -463,19 +515,9 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
     stop_file = state / "stop"
     try:
         while not stop_file.exists():
-            due = holder["stale"] and time.monotonic() >= holder["retry_at"]
-            if holder["session"].expired or due:
-                try:
-                    refresh()
-                except Exception as exc:  # keep answering (naming the missing) and retry
-                    log.warning("serving session refresh failed, retrying later: %s", exc)
-                    holder["retry_at"] = time.monotonic() + 2 * config.hop_timeout_s
             if time.monotonic() >= holder.get("census_at", 0.0):
-                # More SuperNodes online than the session has participants: one is back (or
-                # new), and a fresh session takes it in.
-                holder["census_at"] = time.monotonic() + 10.0
-                if len(list(grid.get_node_ids())) > len(holder["session"].participants):
-                    holder["stale"] = True
+                holder["census_at"] = time.monotonic() + 1.0
+                keep_fresh()
             if keeper is not None:
                 keeper.tend(grid, holder["session"])
             dispatcher.run_once(answer_round)
