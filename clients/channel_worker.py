@@ -27,7 +27,6 @@ from flwr.app.error import Error
 
 from clients import matching
 from protocols import channel as ch
-from protocols import lender_messages as lm
 from protocols import messages as m
 
 log = logging.getLogger(__name__)
@@ -61,10 +60,7 @@ def _answer(item: ch.WorkItem, lease: ch.ListenLease, ctx: Context, location: st
         if item.message_type not in ch.CHANNEL_MESSAGE_TYPES:
             raise m.ProtocolError(f"channel: {item.message_type!r} is not answered here")
         content = ch.decode_content(item.content, item.message_type)
-        hop = lm.LenderBlind.from_content(content, item.message_type)
-        if hop.session_id != lease.session_id:
-            raise m.ProtocolError("channel: a hop of another serving session than the lease's")
-        return answer_lender_blind(content, ctx, location)
+        return answer_lender_blind(content, ctx, location, leased_session=lease.session_id)
 
     result = guarded(item.message_type, run)
     if isinstance(result, Error):

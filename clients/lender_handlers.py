@@ -101,11 +101,16 @@ def _lender_blind(msg: Message, ctx: Context, location: str) -> RecordDict:
     return answer_lender_blind(msg.content, ctx, location)
 
 
-def answer_lender_blind(content: RecordDict, ctx: Context, location: str) -> RecordDict:
+def answer_lender_blind(
+    content: RecordDict, ctx: Context, location: str, leased_session: str | None = None
+) -> RecordDict:
     """One hop, whether it came as a Flower message or over the platform channel
-    (``clients/channel_worker.py``): the same checks, log entries and answer."""
+    (``clients/channel_worker.py``, which passes its lease's ``leased_session``: a hop of
+    another session is refused there): the same checks, log entries and answer."""
     what = "query.lender_blind"
     req = lm.LenderBlind.from_content(content, what)
+    if leased_session is not None and req.session_id != leased_session:
+        raise m.ProtocolError(f"{what}: a hop of another serving session than the lease's")
     session = matching.load_session(ctx, req.session_id, what)
     now = _now()
     if not session.serving_until or not session.fully or not session.secret:

@@ -26,7 +26,6 @@ from server.lender_service import ServeConfig
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PORT = 8480
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

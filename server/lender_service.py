@@ -421,7 +421,6 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
             wait_for_nodes(grid, settings)
         nodes, listed = discover()
         if len(nodes) < settings.min_participants:
-            holder["failed_listing"] = listed
             raise RuntimeError(f"{len(nodes)} platforms online, {settings.min_participants} needed")
         session = open_serving_session(
             grid,
@@ -459,7 +458,7 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
         except Exception as exc:  # keep answering (naming the missing) and retry
             log.warning("serving session refresh failed, retrying later: %s", exc)
             holder["retry_at"] = time.monotonic() + 2 * config.hop_timeout_s
-            holder["failed_listing"] = frozenset(grid.get_node_ids())
+            holder["failed_listing"] = listed
 
     def answer_round(questions: Sequence[Question]) -> list[QuestionAnswer]:
         keep_fresh()

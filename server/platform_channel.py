@@ -73,6 +73,13 @@ class _Work:
     taken: bool = False
 
 
+def polling_now(lease: _Lease, now: float) -> bool:
+    """Its worker is long-polling, or pulled within the last seconds (between two pulls)."""
+    return lease.polling > 0 or (
+        lease.last_pull is not None and now - lease.last_pull < ATTACHED_GRACE_S
+    )
+
+
 class ChannelRefused(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -133,10 +140,7 @@ class ChannelBroker:
             lease.platform == platform
             and lease.ended is None
             and not lease.stop
-            and (
-                lease.polling > 0
-                or (lease.last_pull is not None and now - lease.last_pull < ATTACHED_GRACE_S)
-            )
+            and polling_now(lease, now)
             for lease in self._leases.values()
         )
 
@@ -387,10 +391,7 @@ class LeaseKeeper:
         waiting = {}
         for message_id, lease in list(self._pending.items()):
             lease.stop = True
-            if lease.polling > 0 or (
-                lease.last_pull is not None
-                and time.monotonic() - lease.last_pull < ATTACHED_GRACE_S
-            ):
+            if polling_now(lease, time.monotonic()):
                 waiting[message_id] = lease
             else:
                 self.broker.end(lease, "stopped before it attached")
