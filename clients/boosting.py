@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -116,8 +115,6 @@ def _digest(tree: gbdt.Tree | None) -> str:
 
 
 _binned: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
-# (location, session) -> the training rows' (feature, bin) indicator matrix (gbdt.one_hot)
-_indicators: dict[tuple[str, str], Any] = {}
 # (location, session) -> (tree, level, heap node of every training row after ``level``
 # levels, the tree those levels were read from)
 _routes: dict[tuple[str, str], tuple[int, int, np.ndarray, gbdt.Tree]] = {}
@@ -144,20 +141,6 @@ def _binned_rows(
         X, y = _rows(req, ctx, data, split)
         _binned[key] = (gbdt.small_bins(gbdt.bin_rows(X, edges())), y)
     return _binned[key]
-
-
-def _indicator(
-    req: gbdt.LevelRequest, data: PlatformData, binned: np.ndarray, layout: gbdt.CellLayout
-) -> Any:
-    """The training rows' indicator matrix for this session: built by the first level message
-    this process answers, reused by the rest (like the bins: a cache, rebuilt on a miss)."""
-    key = (data.location, req.session_id)
-    found = _indicators.get(key)
-    if found is None or found.shape != (len(binned), layout.cells):
-        if len(_indicators) >= 4:
-            _indicators.clear()
-        found = _indicators[key] = gbdt.one_hot(binned, layout)
-    return found
 
 
 def _cached_route(
@@ -216,8 +199,7 @@ def _previous_output(req: gbdt.LevelRequest, data: PlatformData, binned: np.ndar
     if cached is None:
         return gbdt.tree_output(previous, binned)
     levels, node = cached
-    for _ in range(depth - levels):
-        node = gbdt.advance(previous, binned, node)
+    node = gbdt.advance(previous, binned, node, depth - levels)
     return np.asarray(previous.value, dtype=np.float64)[node]
 
 
@@ -232,7 +214,6 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
         layout = gbdt.CellLayout.of(first)
         for split in ("train", "test"):
             _binned.pop((data.location, req.session_id, split), None)
-        _indicators.pop((data.location, req.session_id), None)
     else:
         if state is None or state["session"] != req.session_id:
             raise m.ProtocolError(f"{what}: no boosting session {req.session_id} on this platform")
@@ -281,8 +262,7 @@ def level(msg: Message, ctx: Context, data: PlatformData) -> RecordDict:
     assert state is not None
     grad, hess = _gradients_at(data, req.session_id, state["train"], y)  # type: ignore[arg-type]
     node = _route(req, data, binned)
-    indicator = _indicator(req, data, binned, layout)
-    sums = gbdt.node_sums(binned, grad, hess, node, req.nodes, layout, indicator)
+    sums = gbdt.node_sums(binned, grad, hess, node, req.nodes, layout)
     if req.level == 0:
         # The model so far on the held-out rows, as sums: the bureau's per-tree history.
         hist = ScoreHistogram.of(gbdt.sigmoid(test), y_test)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any, Self
 
 import numpy as np
@@ -218,36 +218,26 @@ class Tree(Payload):
             raise ProtocolError("a tree threshold is outside the bins")
 
 
-@lru_cache(maxsize=16)
-def _row_starts(rows: int, width: int) -> np.ndarray:
-    """Where each row starts in a C-ordered (rows, width) array, flattened (read-only)."""
-    starts = np.arange(0, rows * width, width, dtype=np.intp)
-    starts.flags.writeable = False
-    return starts
-
-
-def _step(tree: Tree, binned: np.ndarray, node: np.ndarray) -> np.ndarray:
-    """Every row one level down from ``node`` (rows at a leaf stay): four gathers and two
-    additions (``Tree.routing``). The row's bin of its node's feature is read from the
-    flat array (2-D fancy indexing is about 2.5x slower)."""
-    column, threshold, left = tree.routing
-    rows, width = binned.shape
-    right = np.ravel(binned)[_row_starts(rows, width) + column[node]] > threshold[node]
-    return left[node] + right
-
-
 def route(tree: Tree, binned: np.ndarray, levels: int | None = None) -> np.ndarray:
     """Heap node of every row after ``levels`` levels of splits (all levels by default)."""
     depth = int(math.log2(len(tree.feature) + 1)) - 1
-    node = np.zeros(len(binned), dtype=np.intp)
-    for _ in range(depth if levels is None else levels):
-        node = _step(tree, binned, node)
-    return node
+    start = np.zeros(len(binned), dtype=np.intp)
+    return advance(tree, binned, start, depth if levels is None else levels)
 
 
-def advance(tree: Tree, binned: np.ndarray, node: np.ndarray) -> np.ndarray:
-    """Rows at ``node`` one level further down ``tree`` (rows at a leaf stay)."""
-    return _step(tree, binned, node)
+def advance(tree: Tree, binned: np.ndarray, node: np.ndarray, levels: int = 1) -> np.ndarray:
+    """Rows at ``node`` ``levels`` levels further down ``tree`` (rows at a leaf stay)."""
+    from protocols.gbdt_kernels import route_rows
+
+    column, threshold, left = tree.routing
+    return route_rows(
+        np.ascontiguousarray(binned),
+        np.ascontiguousarray(node, dtype=np.intp),
+        column,
+        threshold,
+        left,
+        levels,
+    )
 
 
 def same_splits(a: Tree, b: Tree, levels: int) -> bool:
@@ -324,24 +314,6 @@ class CellLayout:
         return out
 
 
-def one_hot(binned: np.ndarray, layout: CellLayout) -> Any:
-    """Rows x cells indicator matrix (scipy CSR): row ``r`` has a 1 in cell
-    ``offsets[f] + binned[r, f]`` of every feature ``f`` with two bins or more.
-
-    Built once per boosting session (a platform's bins do not change between trees), so that
-    every histogram is one sparse product over the rows it covers (``node_sums``). A
-    one-bin feature (constant over the federation) holds every row in its one cell: its sums
-    are the node's totals, so it takes no place in the matrix.
-    """
-    from scipy import sparse
-
-    split = np.flatnonzero(np.asarray(layout.widths) >= 2)
-    rows = len(binned)
-    cols = (layout.offsets[split] + binned[:, split]).astype(np.int32).ravel()
-    indptr = np.arange(rows + 1, dtype=np.int64) * len(split)
-    return sparse.csr_matrix((np.ones(len(cols)), cols, indptr), shape=(rows, layout.cells))
-
-
 def node_sums(
     binned: np.ndarray,
     grad: np.ndarray,
@@ -349,60 +321,37 @@ def node_sums(
     node_of_row: np.ndarray,
     nodes: list[int],
     layout: CellLayout,
-    indicator: Any = None,
 ) -> dict[str, np.ndarray]:
     """Summed gradient, hessian and row count per (requested node, cell of ``layout``).
 
-    One sparse product for the whole level: ``M.T @ [grad, hess, 1]`` where ``M`` has a row
-    per row of the requested nodes and a 1 in column ``slot * cells + cell`` for each of the
-    row's cells (``slot``: the node's place in ``nodes``). So every (row, multi-bin feature)
-    of those rows is touched once, in compiled code, with the three sums together, and the
-    fixed costs are paid once per level, not once per node (a per-node product, or one
-    ``np.bincount`` per sum, cost 1.5 to 3 times as much on UCI). A tree's root (one node
-    holding every row) uses ``indicator`` itself. ``indicator`` is ``one_hot(binned,
-    layout)``, passed in when the caller keeps it for the session.
+    One compiled pass over the rows for the whole level (``gbdt_kernels.level_histograms``):
+    every (row, feature) of the requested nodes' rows is touched once, with the three sums
+    together. A one-bin feature (constant over the federation) holds all of a node's rows in
+    its one cell: its sums are the node's totals, so the loop skips it.
     """
-    from scipy import sparse
+    from protocols.gbdt_kernels import level_histograms
 
-    if indicator is None:
-        indicator = one_hot(binned, layout)
     K, C = len(nodes), layout.cells
-    rows = indicator.shape[0]
-    slot_of = np.full(max(int(node_of_row.max(initial=0)), *nodes) + 1, -1, dtype=np.intp)
+    top = max(int(node_of_row.max(initial=0)), *nodes) + 1
+    slot_of = np.full(top, -1, dtype=np.intp)
     slot_of[nodes] = np.arange(K)
-    slot = slot_of[node_of_row]
-    if K == 1 and rows and int(slot.min()) == 0:  # every row is in the one node
-        transposed, kept = indicator.T, slot
-        weights = np.column_stack([grad, hess, np.ones(rows)])
-    else:
-        keep = np.flatnonzero(slot >= 0)
-        kept, n = slot[keep], len(keep)
-        # The indicator's column indices are each row's cells, one per multi-bin feature.
-        per_row = indicator.indices.size // rows if rows else 0
-        cells = indicator.indices.reshape(rows, per_row)[keep]
-        index = np.int32 if (n + 1) * max(per_row, 1) < 2**31 and K * C < 2**31 else np.int64
-        cells = cells.astype(index, copy=False)
-        if K > 1:
-            cells += (kept * C).astype(index)[:, None]
-        indptr = np.arange(n + 1, dtype=index) * per_row
-        # The indicator's data is all ones: its first n * per_row entries serve (a view).
-        ones = indicator.data[: n * per_row]
-        # Built as M.T directly (CSC over the same arrays): one constructor, not two.
-        transposed = sparse.csc_matrix((ones, cells.ravel(), indptr), shape=(K * C, n))
-        weights = np.column_stack([grad[keep], hess[keep], np.ones(n)])
-    out = np.ascontiguousarray(np.asarray(transposed @ weights).reshape(K, C, 3).transpose(2, 0, 1))
     widths = np.asarray(layout.widths)
+    multi = np.flatnonzero(widths >= 2)
+    sums, totals = level_histograms(
+        np.ascontiguousarray(binned),
+        np.ascontiguousarray(grad, dtype=np.float64),
+        np.ascontiguousarray(hess, dtype=np.float64),
+        np.ascontiguousarray(node_of_row, dtype=np.intp),
+        slot_of,
+        multi.astype(np.intp),
+        np.ascontiguousarray(layout.offsets[multi]),
+        K,
+        C,
+    )
+    out = np.ascontiguousarray(sums.transpose(2, 0, 1))
     single = layout.offsets[widths == 1]
     if len(single):
-        # A one-bin feature's cell holds all of a node's rows: the node's totals, read off
-        # the cells of a feature in the matrix (every row is in one of them).
-        multi = np.flatnonzero(widths >= 2)
-        if len(multi):
-            first = int(layout.offsets[multi[0]])
-            totals = out[:, :, first : first + int(widths[multi[0]])].sum(axis=2)
-        else:
-            totals = np.stack([np.bincount(kept, weights[:, i], K) for i in range(3)])
-        out[:, :, single] = totals[:, :, None]
+        out[:, :, single] = totals.T[:, :, None]
     return {name: out[i] for i, name in enumerate(("grad", "hess", "count"))}
 
 
@@ -450,62 +399,43 @@ def best_splits(
     min_child_rows: int = MIN_CHILD_ROWS,
 ) -> list[Split | None]:
     """``best_split`` of every node of a level at once, from its (node, cell) sums in
-    ``layout`` (one pass of array operations over the cells a feature has, not the grid).
+    ``layout`` (a compiled pass over the cells a feature has, not the grid:
+    ``gbdt_kernels.level_splits``).
 
     A split of feature ``f`` at bin ``b`` sends bins ``<= b`` left; every cell but a
     feature's last is a candidate, in (feature, bin) order, so ties go to the same first
-    (feature, bin) as on the whole grid.
+    (feature, bin) as on the whole grid. Gains within ``TIE_TOLERANCE`` of the best are
+    ties and the first (feature, bin) wins: two features that part the rows the same way
+    (a count and its indicator, say) tie exactly, and the rounding of a secure sum (or the
+    order of a float sum) must not decide between them.
     """
-    widths = np.asarray(layout.widths)
-    offsets = layout.offsets
-    # (sum, node, cell): the three sums go through every array operation together.
-    sums = np.stack([grad, hess, count]).astype(np.float64, copy=False)
-    K = sums.shape[1]
-    # A node's totals: the sums over feature 0's cells (every row is in one of them).
-    total = sums[:, :, : widths[0]].sum(axis=2)[:, :, None]
-    # Left sums per feature: the running sum less what came before the feature's first cell.
-    running = np.cumsum(sums, axis=2)
-    before = running[:, :, offsets - 1]  # the running sum at each feature's previous cell
-    before[:, :, 0] = 0.0
-    left = running
-    left -= np.repeat(before, widths, axis=2)
-    right = total - left
-    (gl, hl, cl), (gr, hr, cr), (G, H, _) = left, right, total
-    candidate = np.ones(layout.cells, dtype=bool)
-    candidate[offsets + widths - 1] = False
-    ok = candidate & (cl >= min_child_rows)
-    ok &= cr >= min_child_rows
-    ok &= hl >= MIN_CHILD_HESSIAN
-    ok &= hr >= MIN_CHILD_HESSIAN
-    gain = np.square(gl) / (hl + L2)
-    gain += np.square(gr) / (hr + L2)
-    gain -= np.square(G) / (H + L2)
-    gain[~ok] = -np.inf
-    best = gain.max(axis=1) if gain.shape[1] else np.full(K, -np.inf)
-    # Gains within TIE_TOLERANCE of the best are ties, and the first (feature, bin) wins:
-    # two features that part the rows the same way (a count and its indicator, say) tie
-    # exactly, and the rounding of a secure sum (or the order of a float sum) must not
-    # decide between them.
-    splits = np.isfinite(best) & (best > 1e-12)
-    with np.errstate(invalid="ignore"):
-        near = gain >= (best - TIE_TOLERANCE * np.abs(best))[:, None]
-    cells = np.argmax(near, axis=1)
+    from protocols.gbdt_kernels import level_splits
+
+    widths = np.asarray(layout.widths, dtype=np.intp)
+    offsets = np.asarray(layout.offsets, dtype=np.intp)
+    cells, gains, left, right = level_splits(
+        *(np.ascontiguousarray(a, dtype=np.float64) for a in (grad, hess, count)),
+        widths,
+        offsets,
+        float(min_child_rows),
+        MIN_CHILD_HESSIAN,
+        L2,
+        TIE_TOLERANCE,
+    )
     features = np.searchsorted(offsets, cells, side="right") - 1
-    at = np.arange(K)
-    chosen = np.stack([left[:, at, cells], right[:, at, cells]]).tolist()  # (side, sum, node)
-    gains, thresholds = gain[at, cells].tolist(), (cells - offsets[features]).tolist()
     out: list[Split | None] = []
-    for k in range(K):
-        if not splits[k]:
+    for k, cell in enumerate(cells.tolist()):
+        if cell < 0:
             out.append(None)
             continue
+        f = int(features[k])
         out.append(
             Split(
-                int(features[k]),
-                thresholds[k],
-                gains[k],
-                (chosen[0][0][k], chosen[0][1][k], chosen[0][2][k]),
-                (chosen[1][0][k], chosen[1][1][k], chosen[1][2][k]),
+                f,
+                cell - int(offsets[f]),
+                float(gains[k]),
+                tuple(left[k].tolist()),  # type: ignore[arg-type]
+                tuple(right[k].tolist()),  # type: ignore[arg-type]
             )
         )
     return out

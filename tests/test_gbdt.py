@@ -155,9 +155,15 @@ def test_node_sums_cover_only_the_cells_a_feature_has(asked: list[int]) -> None:
         at = node == wanted
         assert np.isclose(got["grad"][slot][2], grad[at].sum())  # the one-bin feature
         assert np.isclose(got["grad"][slot][3:7].sum(), grad[at].sum())
-    shared = gbdt.one_hot(binned, layout)  # kept for a session: the same sums
-    again = gbdt.node_sums(binned, grad, hess, node, asked, layout, shared)
-    assert all(np.array_equal(again[k], got[k]) for k in got)
+    # The compiled loop against the plainest numpy: one np.add.at per (node, feature).
+    for slot, wanted in enumerate(asked):
+        at = node == wanted
+        for f, width in enumerate(layout.widths):
+            for name, weight in (("grad", grad), ("hess", hess), ("count", np.ones(500))):
+                ref = np.zeros(width)
+                np.add.at(ref, binned[at, f], weight[at])
+                cells = got[name][slot][layout.offsets[f] : layout.offsets[f] + width]
+                assert np.allclose(cells, ref), (name, wanted, f)
 
 
 def test_best_splits_on_the_compact_layout_are_the_grid_splits() -> None:
@@ -188,6 +194,59 @@ def test_best_splits_on_the_compact_layout_are_the_grid_splits() -> None:
         got = splits[k]
         assert got is not None and (got.feature, got.threshold) == (dense.feature, dense.threshold)
         assert got.gain == pytest.approx(dense.gain, rel=1e-9)
+        assert got.left[2] + got.right[2] == rows[k]
+
+
+def _brute_force_split(
+    grad: np.ndarray, hess: np.ndarray, count: np.ndarray, layout: gbdt.CellLayout
+) -> tuple[int, int, float] | None:
+    """The textbook split search, one candidate at a time: (feature, threshold, gain)."""
+    G, H, N = (float(a[: layout.widths[0]].sum()) for a in (grad, hess, count))
+    parent = G * G / (H + gbdt.L2)
+    found: list[tuple[float, int, int]] = []
+    for f, (start, width) in enumerate(zip(layout.offsets, layout.widths, strict=True)):
+        for b in range(width - 1):
+            cells = slice(int(start), int(start) + b + 1)
+            gl, hl, cl = (float(a[cells].sum()) for a in (grad, hess, count))
+            gr, hr, cr = G - gl, H - hl, N - cl
+            if min(cl, cr) < gbdt.MIN_CHILD_ROWS or min(hl, hr) < gbdt.MIN_CHILD_HESSIAN:
+                continue
+            found.append((gl * gl / (hl + gbdt.L2) + gr * gr / (hr + gbdt.L2) - parent, f, b))
+    if not found or max(g for g, _, _ in found) <= 1e-12:
+        return None
+    best = max(g for g, _, _ in found)
+    gain, f, b = next(c for c in found if c[0] >= best - gbdt.TIE_TOLERANCE * abs(best))
+    return f, b, gain
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_splits_match_the_textbook_search(seed: int) -> None:
+    """The compiled split search against one candidate at a time, ties included (a copied
+    feature parts the rows the same way: the first copy must win)."""
+    rng = np.random.default_rng(seed)
+    widths = tuple(int(w) for w in rng.integers(1, 12, 7))
+    layout = gbdt.CellLayout((*widths, widths[2]))  # the last feature repeats feature 2
+    nodes = 5
+    rows = rng.integers(0, 400, nodes).astype(float)
+    count = np.zeros((nodes, layout.cells))
+    for start, width in zip(layout.offsets, layout.widths, strict=True):
+        share = rng.dirichlet(np.ones(width), nodes)
+        part = np.floor(share * rows[:, None])
+        part[:, -1] += rows - part.sum(axis=1)
+        count[:, start : start + width] = part
+    count[:, layout.offsets[-1] :] = count[:, layout.offsets[2] : layout.offsets[2] + widths[2]]
+    grad = rng.normal(size=count.shape) * count
+    hess = rng.random(count.shape) * count / 4
+    grad[:, layout.offsets[-1] :] = grad[:, layout.offsets[2] : layout.offsets[2] + widths[2]]
+    hess[:, layout.offsets[-1] :] = hess[:, layout.offsets[2] : layout.offsets[2] + widths[2]]
+    for k, got in enumerate(gbdt.best_splits(grad, hess, count, layout)):
+        want = _brute_force_split(grad[k], hess[k], count[k], layout)
+        if want is None:
+            assert got is None
+            continue
+        assert got is not None and (got.feature, got.threshold) == want[:2]
+        assert got.feature != len(widths)  # a tie with the copy goes to the first
+        assert got.gain == pytest.approx(want[2], rel=1e-9)
         assert got.left[2] + got.right[2] == rows[k]
 
 
@@ -484,7 +543,6 @@ def test_boosting_needs_only_node_state_between_messages(
     def fresh_process(msg, context, call_next):  # type: ignore[no-untyped-def]
         boosting._binned.clear()
         boosting._routes.clear()
-        boosting._indicators.clear()
         boosting._gradients.clear()
         return call_next(msg, context)
 
