@@ -23,8 +23,9 @@ every platform holds whole rows of its own borrowers, and a tree is grown from s
 The tree layout is a complete binary heap of depth ``depth``: node ``i`` has children
 ``2i + 1`` (bin <= threshold) and ``2i + 2``; ``feature == -1`` marks a leaf.
 
-Everything here is numpy; the pooled yardstick (scikit-learn's HistGradientBoosting on the
-same bins) is ``pooled_fit`` and imports scikit-learn only when called.
+Everything here is numpy, with the inner loops compiled (``gbdt_kernels``); the pooled
+yardstick (scikit-learn's HistGradientBoosting on the same bins) is ``pooled_fit`` and
+imports scikit-learn only when called.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, Self
 
 import numpy as np
@@ -195,16 +196,11 @@ class Tree(Payload):
     def routing(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per heap node: the feature whose bin it reads (0 at a leaf), the threshold (at a
         leaf one no bin exceeds) and the child a row goes to when its bin is at most the
-        threshold (a leaf keeps its rows; the right child is the next node)."""
-        feature = np.asarray(self.feature, dtype=np.intp)
-        internal = feature >= 0
-        node = np.arange(len(feature), dtype=np.intp)
-        column = np.where(internal, feature, 0)
-        threshold = np.where(internal, np.asarray(self.threshold, dtype=np.int64), _NEVER)
-        left = np.where(internal, 2 * node + 1, node)
-        for a in (column, threshold, left):
-            a.flags.writeable = False
-        return column, threshold, left
+        threshold (a leaf keeps its rows; the right child is the next node).
+
+        Shared by trees with the same splits (``_routing``): every level message parses the
+        tree grown so far afresh, and it differs from the last one by a level at most."""
+        return _routing(tuple(self.feature), tuple(self.threshold))
 
     @classmethod
     def empty(cls, depth: int) -> Tree:
@@ -216,6 +212,22 @@ class Tree(Payload):
             raise ProtocolError("a tree splits on a feature outside the feature list")
         if min(self.threshold) < 0 or max(self.threshold) >= bins:
             raise ProtocolError("a tree threshold is outside the bins")
+
+
+@lru_cache(maxsize=64)
+def _routing(
+    feature: tuple[int, ...], threshold: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``Tree.routing`` of one set of splits (read-only arrays, so they can be shared)."""
+    features = np.asarray(feature, dtype=np.intp)
+    internal = features >= 0
+    node = np.arange(len(features), dtype=np.intp)
+    column = np.where(internal, features, 0)
+    thresholds = np.where(internal, np.asarray(threshold, dtype=np.int64), _NEVER)
+    left = np.where(internal, 2 * node + 1, node)
+    for a in (column, thresholds, left):
+        a.flags.writeable = False
+    return column, thresholds, left
 
 
 def route(tree: Tree, binned: np.ndarray, levels: int | None = None) -> np.ndarray:

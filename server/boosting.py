@@ -1,11 +1,13 @@
 """The bureau's side of federated gradient boosting: sums in, splits and trees out.
 
-Own numpy implementation over Flower messages (``protocols.gbdt``), not XGBoost's federated
-mode: XGBoost federates through its own gRPC collective (a federated server of its own that
-every party dials), which would bypass Flower's SuperLink, its TLS and node authentication,
-and the per-message validation every other fedcredit exchange has; and its sums could not go
-through the same secure summation as every other sum here. The boosting itself is small:
-histograms of gradients, the usual gain, leaf values ``-G / (H + lambda)``.
+Own implementation over Flower messages (``protocols.gbdt``: numpy, with the histogram,
+routing and split-search loops compiled by numba in ``protocols.gbdt_kernels``), not
+XGBoost's federated mode: XGBoost federates through its own gRPC collective (a federated
+server of its own that every party dials), which would bypass Flower's SuperLink, its TLS
+and node authentication, and the per-message validation every other fedcredit exchange has;
+and its sums could not go through the same secure summation as every other sum here. The
+boosting itself is small: histograms of gradients, the usual gain, leaf values
+``-G / (H + lambda)``.
 
 Every per-platform sum (the scaler's feature sums, the bin-edge sketch counts, the per-level
 gradient/hessian/count histograms, the held-out score histograms) goes through one
