@@ -52,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     where = train.add_mutually_exclusive_group(required=True)
     where.add_argument("--ledgers", nargs="+", metavar="LEDGER", help="simulation over these")
     where.add_argument("--federation", metavar="NAME", help="a deployment federation (flwr run)")
-    train.add_argument("--model", default="mlp", help="lr, mlp or a comma list (first: primary)")
+    train.add_argument(
+        "--model", default="mlp", help="lr, mlp, gbdt or a comma list (first: primary)"
+    )
     train.add_argument("--rounds", type=int, default=20, help="FedAvg rounds per model")
     train.add_argument(
         "--secure-aggregation",

@@ -242,6 +242,16 @@ def advance(tree: Tree, binned: np.ndarray, node: np.ndarray, levels: int = 1) -
     from protocols.gbdt_kernels import route_rows
 
     column, threshold, left = tree.routing
+    # The compiled loop follows these indices unchecked (``gbdt_kernels``): a tree read from
+    # anywhere but a validated request must still stay inside the rows' columns and heap.
+    if len(node) != len(binned) or (
+        len(node)
+        and (
+            int(column.max()) >= binned.shape[1]
+            or not 0 <= int(node.min()) <= int(node.max()) < len(column)
+        )
+    ):
+        raise ValueError("the tree or the rows' nodes do not fit these rows")
     return route_rows(
         np.ascontiguousarray(binned),
         np.ascontiguousarray(node, dtype=np.intp),
@@ -344,6 +354,10 @@ def node_sums(
     from protocols.gbdt_kernels import level_histograms
 
     K, C = len(nodes), layout.cells
+    if not len(binned) == len(grad) == len(hess) == len(node_of_row) or (
+        binned.ndim != 2 or binned.shape[1] != len(layout.widths)
+    ):
+        raise ValueError("rows, gradients, nodes and the layout's features do not line up")
     top = max(int(node_of_row.max(initial=0)), *nodes) + 1
     slot_of = np.full(top, -1, dtype=np.intp)
     slot_of[nodes] = np.arange(K)

@@ -14,6 +14,12 @@ float32 gradients, wants the rows of each node as an index list and fills the wh
 
 Compiled on first use and cached on disk (``cache=True``), so a fresh process (a SuperNode
 runs every message in one) loads the machine code instead of compiling it again.
+
+Compiled code does not check indices, so every index these loops follow is checked before
+it gets here: a tree from the bureau is a complete heap whose features and thresholds lie
+within the session's features and bins (``gbdt.Tree``, ``LevelRequest``/``EvaluateRequest``
+validation), asked nodes lie in their level, and a row's bin of a feature is at most the
+feature's edge count (``gbdt.bin_rows``), so ``offsets[j] + bin`` stays inside the layout.
 """
 
 from __future__ import annotations

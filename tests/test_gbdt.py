@@ -166,6 +166,23 @@ def test_node_sums_cover_only_the_cells_a_feature_has(asked: list[int]) -> None:
                 assert np.allclose(cells, ref), (name, wanted, f)
 
 
+def test_compiled_loops_refuse_what_does_not_line_up() -> None:
+    """The compiled loops follow indices unchecked, so what reaches them is checked first:
+    a tree splitting on a column the rows lack, nodes outside the heap, lengths that differ."""
+    tree = gbdt.Tree(feature=[5, -1, -1], threshold=[1, 0, 0], value=[0.0, 1.0, 2.0])
+    narrow, wide = np.zeros((4, 3), np.uint8), np.zeros((4, 6), np.uint8)
+    for binned, node in ((narrow, np.zeros(4)), (wide, np.zeros(3)), (wide, np.full(4, 9))):
+        with pytest.raises(ValueError, match="do not fit"):
+            gbdt.advance(tree, binned, node.astype(np.intp))
+    wide[:, 5] = [0, 1, 2, 3]
+    assert gbdt.route(tree, wide).tolist() == [1, 1, 2, 2]
+    layout = gbdt.CellLayout((2, 2))
+    with pytest.raises(ValueError, match="line up"):
+        gbdt.node_sums(np.zeros((4, 2), np.uint8), np.ones(3), np.ones(4), np.zeros(4), [0], layout)
+    with pytest.raises(ValueError, match="line up"):
+        gbdt.node_sums(np.zeros((4, 3), np.uint8), np.ones(4), np.ones(4), np.zeros(4), [0], layout)
+
+
 def test_best_splits_on_the_compact_layout_are_the_grid_splits() -> None:
     """A level's splits from the compact cells equal each node's split on the whole grid
     (the cells past a feature's last bin are empty there and never win)."""
