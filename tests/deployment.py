@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from fedcredit.deploy.ports import free_port_block
 from fedcredit.deploy.procs import QUIET_ENV, TAG_VARIABLE, signal_group, tail
 from fedcredit.deploy.procs import cmdline as _cmdline
 from fedcredit.deploy.procs import descendants as _descendants
@@ -83,20 +84,16 @@ class DeploymentError(AssertionError):
 # ------------------------------------------------------------------------------ small helpers
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free right now and not yet handed out by this process.
+def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
+    """A port (the first of ``count`` consecutive ones: SuperNodes take ``base + i``) that is
+    free right now and not yet handed out by this process.
 
     The OS may reuse a port between this call and the server's bind (a classic race); the
     readiness checks turn that rare case into a clear error instead of a hang.
     """
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT_PORTS:
-            _HANDED_OUT_PORTS.add(port)
-            return port
-    raise RuntimeError("could not find a free port")
+    base = free_port_block(count, host, avoid=_HANDED_OUT_PORTS)
+    _HANDED_OUT_PORTS.update(range(base, base + count))
+    return base
 
 
 def toml_value(value: ConfigValue) -> str:

@@ -337,10 +337,8 @@ def test_up_run_query_down(tmp_path: Path) -> None:
         seed=3,
         superlink_port=free_port(),
         keyholder_port=free_port(),
-        supernode_base_port=free_port(),
+        supernode_base_port=free_port(count=PLATFORMS),  # base, base + 1, ...
     )
-    # SuperNode Runtime API ports are consecutive from the free one (the next two are
-    # almost always free too; `up` fails loudly, with the logs, if one is not).
     manifest = load_manifest(out)
     started = time.monotonic()
     up = _fedcredit("deploy", "up", str(out), cwd=tmp_path)
@@ -389,3 +387,21 @@ def test_up_run_query_down(tmp_path: Path) -> None:
     assert not [p for p in (x["pid"] for x in pids["processes"]) if pid_alive(p)]
     assert not tagged_pids(pids["tag"]), f"{TAG_VARIABLE} processes survived"
     assert time.monotonic() - started < 240
+
+
+def test_free_port_blocks_are_free_end_to_end() -> None:
+    """SuperNodes take consecutive runtime ports: every port of a block must be free, and a
+    port held by another socket is never inside one."""
+    import socket
+
+    from fedcredit.deploy.ports import free_port_block
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        for _ in range(20):
+            base = free_port_block(4, avoid={taken + 1})
+            assert not base <= taken < base + 4
+            for port in range(base, base + 4):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))

@@ -43,7 +43,7 @@ def test_serve_survives_a_platform_outage_and_restarts(tmp_path: Path) -> None:
         seed=8,
         superlink_port=free_port(),
         keyholder_port=free_port(),
-        supernode_base_port=free_port(),
+        supernode_base_port=free_port(count=3),  # base, base + 1, base + 2
         serve_port=port,
     )
     manifest = load_manifest(out)

@@ -25,15 +25,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from fedcredit.deploy.ports import free_port_block
+
 PLATFORMS = 3
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -48,16 +42,23 @@ class _Federation:
         from fedcredit.deploy import init, up
 
         self.out = root / "fed"
-        port = free_port()
+        used: set[int] = set()
+
+        def pick(count: int = 1) -> int:
+            base = free_port_block(count, avoid=used)
+            used.update(range(base, base + count))
+            return base
+
+        port = pick()
         init(
             PLATFORMS,
             self.out,
             borrowers=borrowers,
             seed=seed,
             lenders=lenders,
-            superlink_port=free_port(),
-            keyholder_port=free_port(),
-            supernode_base_port=free_port(),
+            superlink_port=pick(),
+            keyholder_port=pick(),
+            supernode_base_port=pick(PLATFORMS),  # base, base + 1, ...
             serve_port=port,
         )
         up(self.out)
