@@ -12,7 +12,7 @@ numba rather than scikit-learn's own ``HistogramBuilder``: that class is private
 float32 gradients, wants the rows of each node as an index list and fills the whole
 (feature, 256-bin) grid per node; measured on UCI it was no faster than the sparse product.
 
-Compiled on first use and cached on disk (``cache=True``), so a fresh process (a SuperNode
+Compiled on first use and cached on disk (``compiled``), so a fresh process (a SuperNode
 runs every message in one) loads the machine code instead of compiling it again.
 
 Compiled code does not check indices, so every index these loops follow is checked before
@@ -24,11 +24,32 @@ feature's edge count (``gbdt.bin_rows``), so ``offsets[j] + bin`` stays inside t
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 from numba import njit
 
+log = logging.getLogger(__name__)
 
-@njit(cache=True, nogil=True)
+
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` compiled, with its machine code cached on disk where numba finds a writable
+    place (beside this file, else ``NUMBA_CACHE_DIR`` or the user's cache folder).
+
+    A node installed read-only and without a writable home has none: numba then refuses
+    ``cache=True`` outright, which would stop every boosting message. Such a node compiles
+    once per process instead (about a second for each loop), and says so.
+    """
+    try:
+        return njit(cache=True, nogil=True)(fn)
+    except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+        log.warning("%s: compiled per process, not cached (%s)", fn.__name__, exc)
+        return njit(nogil=True)(fn)
+
+
+@compiled
 def level_histograms(
     binned: np.ndarray,
     grad: np.ndarray,
@@ -65,7 +86,7 @@ def level_histograms(
     return out, totals
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def route_rows(
     binned: np.ndarray,
     node_of_row: np.ndarray,
@@ -86,7 +107,7 @@ def route_rows(
     return out
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def level_splits(
     grad: np.ndarray,
     hess: np.ndarray,

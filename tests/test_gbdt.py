@@ -183,6 +183,21 @@ def test_compiled_loops_refuse_what_does_not_line_up() -> None:
         gbdt.node_sums(np.zeros((4, 3), np.uint8), np.ones(4), np.ones(4), np.zeros(4), [0], layout)
 
 
+def test_a_loop_numba_cannot_cache_is_compiled_per_process(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where numba has no writable cache place (here: code without a source file), the
+    loop still compiles and runs, uncached, with a warning."""
+    from protocols.gbdt_kernels import compiled
+
+    namespace: dict[str, object] = {}
+    exec("def twice(x):\n    return 2 * x\n", namespace)
+    with caplog.at_level("WARNING", logger="protocols.gbdt_kernels"):
+        twice = compiled(namespace["twice"])  # type: ignore[arg-type]
+    assert twice(21) == 42
+    assert "not cached" in caplog.text
+
+
 def test_best_splits_on_the_compact_layout_are_the_grid_splits() -> None:
     """A level's splits from the compact cells equal each node's split on the whole grid
     (the cells past a feature's last bin are empty there and never win)."""
