@@ -89,21 +89,46 @@ def exchange(
     with an error, so the caller can go on without exactly those.
     """
     by_node = {nodes[name]: name for name in requests}
-    messages = [
-        Message(payload.to_content(), dst_node_id=nodes[name], message_type=message_type)
+    sent = {
+        name: Message(payload.to_content(), dst_node_id=nodes[name], message_type=message_type)
         for name, (message_type, payload) in requests.items()
-    ]
+    }
+    start = time.perf_counter()
     replies: dict[str, Message] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        name = by_node.get(reply.metadata.src_node_id)
+    for reply in grid.send_and_receive(list(sent.values()), timeout=timeout):
+        name = by_node.get(reply.metadata.src_node_id) or _addressee(reply, sent)
         if name is not None:
             replies[name] = reply
+    log.debug(
+        "%s: %d of %d replies in %.1f s",
+        ", ".join(sorted({t for t, _ in requests.values()})),
+        len(replies),
+        len(requests),
+        time.perf_counter() - start,
+    )
     failed = {name: f"no reply within {timeout:.0f} s" for name in requests if name not in replies}
     failed.update({n: r.error.reason for n, r in replies.items() if r.has_error()})
     if failed:
         kinds = sorted({t for t, _ in requests.values()})
         raise PlatformsFailed(", ".join(kinds), failed)
     return replies
+
+
+def _addressee(reply: Message, sent: Mapping[str, Message]) -> str | None:
+    """The platform a reply answers when the SuperLink, not the platform, wrote it.
+
+    Flower's SuperLink answers for a node it has marked offline (no heartbeat within its
+    patience: a SuperNode that died) with an error reply from the SuperLink's own node id.
+    Matched on the message it replies to, that error names the dead platform with Flower's
+    reason as soon as the SuperLink knows, instead of after the whole timeout.
+    """
+    if not reply.has_error():
+        return None
+    to = reply.metadata.reply_to_message_id
+    for name, msg in sent.items():
+        if to and msg.metadata.message_id == to:
+            return name
+    return None
 
 
 def _elements(reply: Message, name: str, session_id: str, origin: str, count: int | None) -> bytes:
