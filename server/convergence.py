@@ -40,6 +40,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
 
 from protocols.local_work import auto_local_steps
 from server.settings import FederationSettings
+from server.transport import collect_replies
 
 log = logging.getLogger(__name__)
 
@@ -163,18 +164,20 @@ def run_rounds(
     arrays = initial_arrays
     train_metrics: dict[int, MetricRecord] = {}
     for server_round in range(1, settings.num_rounds + 1):
-        replies = grid.send_and_receive(
+        replies = collect_replies(
+            grid,
             strategy.configure_train(server_round, arrays, train_config(stopper.lr_scale), grid),
-            timeout=settings.timeout,
+            settings.timeout,
         )
         new_arrays, metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
         if metrics is not None:
             train_metrics[server_round] = metrics
-        replies = grid.send_and_receive(
+        replies = collect_replies(
+            grid,
             strategy.configure_evaluate(server_round, arrays, evaluate_config, grid),
-            timeout=settings.timeout,
+            settings.timeout,
         )
         strategy.aggregate_evaluate(server_round, replies)
         latest = evaluated()

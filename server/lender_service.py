@@ -56,6 +56,9 @@ from server.serving import Question, QuestionAnswer
 
 log = logging.getLogger(__name__)
 
+# First wait before a failed serving-session refresh is tried again (doubling each time).
+REFRESH_RETRY_FIRST_S = 5.0
+
 Answerer = Callable[[Sequence[Question]], list[QuestionAnswer]]
 
 
@@ -364,7 +367,8 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
     from server.federation import wait_for_nodes
     from server.keyholder_client import connect_keyholder
     from server.keyholder_service import announcement_json
-    from server.serving import open_serving_session, send_and_collect
+    from server.serving import open_serving_session
+    from server.transport import send_and_collect
 
     config = ServeConfig.load(settings.serve_config)
     state = Path(config.state_dir)
@@ -456,9 +460,17 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
         try:
             refresh()
         except Exception as exc:  # keep answering (naming the missing) and retry
-            log.warning("serving session refresh failed, retrying later: %s", exc)
-            holder["retry_at"] = time.monotonic() + 2 * config.hop_timeout_s
+            # A restarted SuperNode keeps its node id, so the listing does not change when it
+            # comes back; the SuperLink may still call it offline for a few seconds after it
+            # reconnects. Retry soon at first, then back off to two hop timeouts.
+            failures = holder.get("failures", 0) + 1
+            delay = min(REFRESH_RETRY_FIRST_S * 2 ** (failures - 1), 2 * config.hop_timeout_s)
+            log.warning("serving session refresh failed, retrying in %.0f s: %s", delay, exc)
+            holder["failures"] = failures
+            holder["retry_at"] = time.monotonic() + delay
             holder["failed_listing"] = listed
+        else:
+            holder["failures"] = 0
 
     def answer_round(questions: Sequence[Question]) -> list[QuestionAnswer]:
         keep_fresh()
@@ -483,6 +495,8 @@ def run_service(grid: Any, settings: Any, keyholder: Any = None) -> None:
             "status": "ok",
             "session": session.session_id,
             "participants": list(session.participants),
+            # A hop failed in this session and a fresh one is not open yet.
+            "stale": bool(holder["stale"]),
             "expires_at": int(session.expires_at),
             "rounds": dispatcher.rounds,
             "channel": keeper.status() if keeper is not None else {},

@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 
 from protocols import messages as m
 from server import progress
+from server.transport import collect_replies
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def exchange(
     }
     start = time.perf_counter()
     replies: dict[str, Message] = {}
-    for reply in grid.send_and_receive(list(sent.values()), timeout=timeout):
+    for reply in collect_replies(grid, sent.values(), timeout):
         name = by_node.get(reply.metadata.src_node_id) or _addressee(reply, sent)
         if name is not None:
             replies[name] = reply

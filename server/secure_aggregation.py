@@ -37,6 +37,7 @@ from protocols import training_sums as ts
 from protocols.metrics import ScoreHistogram
 from protocols.scaling import FeatureSums, Scaler, combine
 from server.training import FederationError, StrictFedAvg
+from server.transport import collect_replies
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +128,13 @@ class SecureRounds:
             pending = self.start(
                 pending.round_id, pending.message_type, pending.fields, pending.build
             )
-            replies = self.grid.send_and_receive(pending.messages, timeout=self.timeout)
+            replies = collect_replies(self.grid, pending.messages, self.timeout)
 
     def run(
         self, round_id: str, message_type: str, fields: list[ss.SumField], build: ContentBuilder
     ) -> dict[str, np.ndarray]:
         pending = self.start(round_id, message_type, fields, build)
-        replies = self.grid.send_and_receive(pending.messages, timeout=self.timeout)
+        replies = collect_replies(self.grid, pending.messages, self.timeout)
         return self.finish(pending, replies)
 
     def _enough(self) -> None:

@@ -36,6 +36,7 @@ from server.keyholder_client import KeyHolderAPI
 from server.keyholder_lender import AnswerItem
 from server.matching import PlatformsFailed, exchange, run_matching
 from server.platform_channel import LeaseKeeper
+from server.transport import send_and_collect
 
 log = logging.getLogger(__name__)
 
@@ -283,27 +284,6 @@ class ServingSession:
         times = [t for t in self.inquiries.get(tag, []) if now - t < INQUIRY_WINDOW_S]
         self.inquiries[tag] = [*times, now]
         return len(times)
-
-
-def send_and_collect(
-    grid: Grid, messages: list[Message], timeout: float, interval: float = 0.02
-) -> list[Message]:
-    """``push_messages`` then ``pull_messages`` every ``interval`` until all replied or timeout.
-
-    Flower 1.41's ``Grid.send_and_receive`` on the deployment engine sleeps 3 s between pulls
-    (``flwr/superlink/grid/http_grid.py``), which alone would add up to 3 s to every platform
-    hop of a lender question; pulling often is what its push/pull API is for.
-    """
-    ids = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    while ids and time.monotonic() < deadline:
-        got = list(grid.pull_messages(list(ids)))
-        replies.extend(got)
-        ids.difference_update(r.metadata.reply_to_message_id for r in got)
-        if ids:
-            time.sleep(interval)
-    return replies
 
 
 def open_serving_session(

@@ -405,3 +405,62 @@ def test_free_port_blocks_are_free_end_to_end() -> None:
             for port in range(base, base + 4):
                 with socket.socket() as probe:
                     probe.bind(("127.0.0.1", port))
+
+
+_FAKE_SUPERNODE = """
+import pathlib, sys, time
+count = pathlib.Path(sys.argv[1])
+n = int(count.read_text()) if count.exists() else 0
+count.write_text(str(n + 1))
+if n < int(sys.argv[2]):
+    print("ERROR : Exit Code: 305 (could not be activated)", flush=True)
+    sys.exit(305)  # as Flower does; the process's exit status is 305 % 256 = 49
+print("INFO : SuperNode ID: 42", flush=True)
+time.sleep(120)
+"""
+
+
+def _fake_supernodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusals: int) -> Path:
+    """A stand-in for ``flower-supernode`` that the SuperLink refuses ``refusals`` times, as
+    Flower does while a stopped SuperNode's activation has not lapsed."""
+    from fedcredit.deploy import runner
+
+    script = tmp_path / "fake_supernode.py"
+    script.write_text(_FAKE_SUPERNODE)
+    count = tmp_path / "attempts"
+    argv = [sys.executable, str(script), str(count), str(refusals)]
+    monkeypatch.setattr(runner, "supernode_argv", lambda *a, **k: argv)
+    return count
+
+
+def test_a_supernode_refused_activation_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedcredit.deploy.runner import PIDS, start_supernode
+
+    out = tmp_path / "out"
+    manifest = init(PLATFORMS, out, borrowers=300, key_bits=1024)
+    (out / PIDS).write_text(json.dumps({"tag": "t-retry", "processes": []}))
+    count = _fake_supernodes(tmp_path, monkeypatch, refusals=2)
+    pid = start_supernode(out, manifest.platforms[0].dir, retry_s=0.1, activation_timeout=60)
+    try:
+        assert count.read_text() == "3"  # refused twice, activated on the third start
+        assert pid_alive(pid)
+        recorded = json.loads((out / PIDS).read_text())["processes"]
+        assert [p["pid"] for p in recorded] == [pid]
+    finally:
+        stop_processes([pid], None, timeout=5)
+
+
+def test_a_supernode_refused_until_the_deadline_is_reported_with_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedcredit.deploy.runner import PIDS, start_supernode
+
+    out = tmp_path / "out"
+    manifest = init(PLATFORMS, out, borrowers=300, key_bits=1024)
+    (out / PIDS).write_text(json.dumps({"tag": "t-retry", "processes": []}))
+    _fake_supernodes(tmp_path, monkeypatch, refusals=1000)
+    with pytest.raises(DeployError, match="exited with status 49") as info:
+        start_supernode(out, manifest.platforms[0].dir, retry_s=0.2, activation_timeout=2)
+    assert "could not be activated" in str(info.value)

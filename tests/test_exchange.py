@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import pytest
@@ -12,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from protocols import messages as m
 from server.matching import PlatformsFailed, exchange
+from server.transport import send_and_collect
 
 
 class _SuperLinkLike:
@@ -25,25 +27,28 @@ class _SuperLinkLike:
         TaskIdentity.node_id = SUPERLINK_NODE_ID
         self.offline = offline
         self.silent = set(silent)
+        self.pending: dict[str, Message] = {}
+        self.pulls = 0
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        replies = []
-        for k, msg in enumerate(messages):
-            msg.metadata.__dict__["_message_id"] = f"msg-{k}"
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"msg-{len(self.pending)}"
+            ids.append(msg.metadata.message_id)
             node = msg.metadata.dst_node_id
             if node in self.silent:
                 continue
             if node in self.offline:
-                replies.append(
-                    create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
-                )
+                reply = create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
             else:
                 reply = Message(RecordDict(), reply_to=msg)
                 reply.metadata.__dict__["_src_node_id"] = node
-                replies.append(reply)
-        return replies
+            self.pending[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        self.pulls += 1
+        return [self.pending.pop(i) for i in message_ids if i in self.pending]
 
 
 NODES = {"platform-01": 11, "platform-02": 12, "platform-03": 13}
@@ -64,8 +69,35 @@ def test_an_offline_node_is_named_with_flowers_reason_not_as_a_timeout() -> None
     the dead platform, with the SuperLink's reason, and nobody else."""
     grid = _SuperLinkLike(offline={12}, silent={13})
     with pytest.raises(PlatformsFailed) as info:
-        exchange(grid, _requests(), NODES, timeout=5)  # type: ignore[arg-type]
+        exchange(grid, _requests(), NODES, timeout=1)  # type: ignore[arg-type]
     failed = info.value.failed
     assert set(failed) == {"platform-02", "platform-03"}
     assert "heartbeat" in failed["platform-02"]
-    assert failed["platform-03"] == "no reply within 5 s"
+    assert failed["platform-03"] == "no reply within 1 s"
+
+
+def test_collecting_waits_for_late_replies_and_stops_at_the_timeout() -> None:
+    """Replies that come in later pulls are all collected; a silent node costs the timeout
+    (not more), paced by the back-off rather than a pull every few milliseconds."""
+    grid = _SuperLinkLike(offline=set(), silent={13})
+    real_pull = grid.pull_messages
+
+    def slow_pull(message_ids: Iterable[str]) -> list[Message]:
+        if grid.pulls < 3:  # nothing for the first three pulls
+            grid.pulls += 1
+            return []
+        return real_pull(message_ids)
+
+    grid.pull_messages = slow_pull  # type: ignore[method-assign]
+    start = time.monotonic()
+    with pytest.raises(PlatformsFailed) as info:
+        exchange(grid, _requests(), NODES, timeout=1.0)  # type: ignore[arg-type]
+    elapsed = time.monotonic() - start
+    assert set(info.value.failed) == {"platform-03"}
+    assert 1.0 <= elapsed < 3.0
+    assert grid.pulls < 20  # 20 ms growing by 1.5x to 0.5 s: about ten pulls in a second
+
+
+def test_send_and_collect_refuses_a_non_positive_timeout() -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        send_and_collect(_SuperLinkLike(offline=set()), [], 0)  # type: ignore[arg-type]

@@ -73,6 +73,7 @@ def test_serve_survives_a_platform_outage_and_restarts(tmp_path: Path) -> None:
         )
 
         down_dir = manifest.platforms[1].dir
+        outage_session = lender.http.get("/v1/health").json()["session"]
         stop_supernode(out, down_dir)
         started = time.monotonic()
         outage = ask()
@@ -84,7 +85,20 @@ def test_serve_survives_a_platform_outage_and_restarts(tmp_path: Path) -> None:
         deadline = time.monotonic() + 180
         while online_nodes(out) < 3 and time.monotonic() < deadline:
             time.sleep(2)
-        rejoined = ask()  # the service refreshes its session before this round
+        # The service's census opens a fresh session once the rejoined SuperNode answers. The
+        # SuperLink can still call it offline for a moment after `supernode ls` says online
+        # (CI saw the first refresh fail so, and a question asked then miss the platform,
+        # which is the right answer at that moment); failed refreshes are retried after 5 s,
+        # 10 s, ... So wait for the service to report every platform before asking.
+        everyone = sorted(p.name for p in manifest.platforms)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            health = lender.http.get("/v1/health").json()
+            if health["session"] != outage_session and not health["stale"]:
+                assert sorted(health["participants"]) == everyone, health
+                break
+            time.sleep(2)
+        rejoined = ask()
         assert rejoined["missing"] == {}, rejoined
         assert rejoined["applicants"][0]["status"] == "answered"
         assert set(rejoined["hops_via"].values()) == {"channel"}, rejoined

@@ -356,25 +356,73 @@ def stop_supernode(out: Path, platform_dir: str, *, timeout: float = 15.0) -> No
         raise DeployError(f"{name} survived: {sorted(survivors)}")
 
 
-def start_supernode(out: Path, platform_dir: str) -> int:
-    """(Re)start one platform's SuperNode under this folder's ``up``; returns its pid."""
+# Flower's exit code when a SuperNode cannot connect or activate (flwr ExitCode
+# SUPERNODE_CONNECTION_ERROR, 305), as the process's exit status: the OS keeps 8 bits.
+SUPERNODE_CONNECTION_ERROR = 305 % 256
+ACTIVATED_MARK = b"SuperNode ID:"
+
+
+def start_supernode(
+    out: Path, platform_dir: str, *, activation_timeout: float = 180.0, retry_s: float = 5.0
+) -> int:
+    """(Re)start one platform's SuperNode under this folder's ``up``; returns its pid once
+    the SuperLink has activated it.
+
+    Why it may take several tries: a SuperNode that stopped keeps its activation at the
+    SuperLink until two heartbeats lapse (about a minute; ``flwr supernode ls`` still says
+    online). A SuperNode started with the same key before then is refused ("could not be
+    activated", HTTP 412) and exits with code 305 at once, leaving the platform out for good.
+    So a refused start is retried every ``retry_s`` seconds until ``activation_timeout``.
+    """
     out = out.resolve()
     manifest = load_manifest(out)
     tag, processes = _read_pids(out)
     entry = next(e for e in manifest.platforms if e.dir == platform_dir)
     launcher = _Launcher(out, tag)
-    started = launcher.spawn(
-        f"supernode-{entry.dir}",
-        supernode_argv(out, manifest, entry, binary=_binary("flower-supernode")),
-        out / entry.dir / "flwr-home",
-    )
-    others = [p for p in processes if p["name"] != started.name]
-    doc = {
-        "tag": tag,
-        "processes": [
-            *others,
-            {"name": started.name, "pid": started.pid, "log": started.log.name},
-        ],
-    }
-    (out / PIDS).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    return started.pid
+    name = f"supernode-{entry.dir}"
+    others = [p for p in processes if p["name"] != name]
+    deadline = time.monotonic() + activation_timeout
+    attempts = 0
+    while True:
+        attempts += 1
+        log_path = launcher.logs / f"{name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        started = launcher.spawn(
+            name,
+            supernode_argv(out, manifest, entry, binary=_binary("flower-supernode")),
+            out / entry.dir / "flwr-home",
+        )
+        doc = {
+            "tag": tag,
+            "processes": [
+                *others,
+                {"name": started.name, "pid": started.pid, "log": started.log.name},
+            ],
+        }
+        (out / PIDS).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        while time.monotonic() < deadline:
+            code = started.popen.poll()
+            if code is not None or _log_since(started.log, offset).count(ACTIVATED_MARK):
+                break
+            time.sleep(0.3)
+        code = started.popen.poll()
+        if code is None:
+            if _log_since(started.log, offset).count(ACTIVATED_MARK):
+                log.info("%s activated (attempt %d)", name, attempts)
+                return started.pid
+            stop_processes([started.pid], None)
+            raise DeployError(
+                f"{name} was not activated within {activation_timeout:.0f} s:\n"
+                + tail(started.log, 25)
+            )
+        stop_processes([started.pid], None)  # its SuperExec outlives it otherwise
+        if code != SUPERNODE_CONNECTION_ERROR or time.monotonic() + retry_s >= deadline:
+            raise DeployError(f"{name} exited with status {code}:\n" + tail(started.log, 25))
+        log.info("%s refused by the SuperLink (status %d); retrying in %.0f s", name, code, retry_s)
+        time.sleep(retry_s)
+
+
+def _log_since(path: Path, offset: int) -> bytes:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read()
