@@ -380,13 +380,36 @@ def test_up_run_query_down(tmp_path: Path) -> None:
         federation = json.loads((out / "bureau/runs/federation.json").read_text())
         assert federation["status"] == "ok", federation
         assert federation["queries"]["contributors"] == sorted(p.name for p in manifest.platforms)
+
+        restart_s = _restart_at_once(out, manifest.platforms[0].dir)
     finally:
         down = _fedcredit("deploy", "down", str(out), cwd=tmp_path, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
     assert not (out / "pids.json").exists()
     assert not [p for p in (x["pid"] for x in pids["processes"]) if pid_alive(p)]
     assert not tagged_pids(pids["tag"]), f"{TAG_VARIABLE} processes survived"
-    assert time.monotonic() - started < 240
+    assert time.monotonic() - started - restart_s < 240
+
+
+def _restart_at_once(out: Path, platform_dir: str) -> float:
+    """Stop a SuperNode and start it again at once; returns the seconds it took.
+
+    The SuperLink keeps the stopped node's activation until its heartbeats lapse and refuses
+    a new one with the same key until then (the new SuperNode exits with Flower's code
+    305): ``start_supernode`` must keep starting it until it is activated.
+    """
+    from fedcredit.deploy.runner import online_nodes, start_supernode, stop_supernode
+
+    t0 = time.monotonic()
+    stop_supernode(out, platform_dir)
+    start_supernode(out, platform_dir)
+    deadline = time.monotonic() + 60
+    while online_nodes(out) < PLATFORMS and time.monotonic() < deadline:
+        time.sleep(1)
+    assert online_nodes(out) == PLATFORMS
+    log_text = (out / "logs" / f"supernode-{platform_dir}.log").read_text(errors="replace")
+    assert log_text.count("SuperNode ID:") >= 2, log_text[-3000:]  # activated again
+    return time.monotonic() - t0
 
 
 def test_free_port_blocks_are_free_end_to_end() -> None:
@@ -414,7 +437,7 @@ n = int(count.read_text()) if count.exists() else 0
 count.write_text(str(n + 1))
 if n < int(sys.argv[2]):
     print("ERROR : Exit Code: 305 (could not be activated)", flush=True)
-    sys.exit(305)  # as Flower does; the process's exit status is 305 % 256 = 49
+    sys.exit(1)  # as Flower does: status 1 for every error, the code only in the log
 print("INFO : SuperNode ID: 42", flush=True)
 time.sleep(120)
 """
@@ -461,6 +484,30 @@ def test_a_supernode_refused_until_the_deadline_is_reported_with_its_log(
     manifest = init(PLATFORMS, out, borrowers=300, key_bits=1024)
     (out / PIDS).write_text(json.dumps({"tag": "t-retry", "processes": []}))
     _fake_supernodes(tmp_path, monkeypatch, refusals=1000)
-    with pytest.raises(DeployError, match="exited with status 49") as info:
+    with pytest.raises(DeployError, match="exited with status 1") as info:
         start_supernode(out, manifest.platforms[0].dir, retry_s=0.2, activation_timeout=2)
     assert "could not be activated" in str(info.value)
+
+
+def test_a_supernode_failing_for_another_reason_is_not_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedcredit.deploy import runner
+    from fedcredit.deploy.runner import PIDS, start_supernode
+
+    out = tmp_path / "out"
+    manifest = init(PLATFORMS, out, borrowers=300, key_bits=1024)
+    (out / PIDS).write_text(json.dumps({"tag": "t-retry", "processes": []}))
+    count = tmp_path / "attempts"
+    script = tmp_path / "broken.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        f"pathlib.Path({str(count)!r}).write_text('1')\n"
+        "print('ERROR : Exit Code: 300 (bad certificate)')\n"
+        "sys.exit(1)\n"
+    )
+    argv = [sys.executable, str(script)]
+    monkeypatch.setattr(runner, "supernode_argv", lambda *a, **k: argv)
+    with pytest.raises(DeployError, match="bad certificate"):
+        start_supernode(out, manifest.platforms[0].dir, retry_s=0.1, activation_timeout=30)
+    assert count.read_text() == "1"

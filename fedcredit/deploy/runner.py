@@ -356,9 +356,10 @@ def stop_supernode(out: Path, platform_dir: str, *, timeout: float = 15.0) -> No
         raise DeployError(f"{name} survived: {sorted(survivors)}")
 
 
-# Flower's exit code when a SuperNode cannot connect or activate (flwr ExitCode
-# SUPERNODE_CONNECTION_ERROR, 305), as the process's exit status: the OS keeps 8 bits.
-SUPERNODE_CONNECTION_ERROR = 305 % 256
+# What a SuperNode logs when it cannot connect or activate (flwr ExitCode
+# SUPERNODE_CONNECTION_ERROR). Flower's process exits with status 1 for every error, so
+# the log line is the only way to tell this one apart.
+CONNECTION_ERROR_MARK = b"Exit Code: 305"
 ACTIVATED_MARK = b"SuperNode ID:"
 
 
@@ -371,7 +372,8 @@ def start_supernode(
     Why it may take several tries: a SuperNode that stopped keeps its activation at the
     SuperLink until two heartbeats lapse (about a minute; ``flwr supernode ls`` still says
     online). A SuperNode started with the same key before then is refused ("could not be
-    activated", HTTP 412) and exits with code 305 at once, leaving the platform out for good.
+    activated", HTTP 412) and exits at once (Flower's exit code 305 in its log), leaving the
+    platform out for good.
     So a refused start is retried every ``retry_s`` seconds until ``activation_timeout``.
     """
     out = out.resolve()
@@ -416,9 +418,10 @@ def start_supernode(
                 + tail(started.log, 25)
             )
         stop_processes([started.pid], None)  # its SuperExec outlives it otherwise
-        if code != SUPERNODE_CONNECTION_ERROR or time.monotonic() + retry_s >= deadline:
+        refused = CONNECTION_ERROR_MARK in _log_since(started.log, offset)
+        if not refused or time.monotonic() + retry_s >= deadline:
             raise DeployError(f"{name} exited with status {code}:\n" + tail(started.log, 25))
-        log.info("%s refused by the SuperLink (status %d); retrying in %.0f s", name, code, retry_s)
+        log.info("%s refused by the SuperLink (exit code 305); retrying in %.0f s", name, retry_s)
         time.sleep(retry_s)
 
 
