@@ -436,24 +436,34 @@ count = pathlib.Path(sys.argv[1])
 n = int(count.read_text()) if count.exists() else 0
 count.write_text(str(n + 1))
 if n < int(sys.argv[2]):
-    print("ERROR : Exit Code: 305 (could not be activated)", flush=True)
+    print(sys.argv[3], flush=True)
     sys.exit(1)  # as Flower does: status 1 for every error, the code only in the log
 print("INFO : SuperNode ID: 42", flush=True)
 time.sleep(120)
 """
+REFUSED = "ERROR : Exit Code: 305 (could not be activated)"
 
 
-def _fake_supernodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusals: int) -> Path:
-    """A stand-in for ``flower-supernode`` that the SuperLink refuses ``refusals`` times, as
-    Flower does while a stopped SuperNode's activation has not lapsed."""
+def _fake_supernode_deployment(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    refusals: int,
+    error: str = REFUSED,
+) -> tuple[Path, str, Path]:
+    """A deployment folder whose ``flower-supernode`` is a stand-in that fails ``refusals``
+    times with ``error`` (by default the SuperLink's refusal while a stopped SuperNode's
+    activation has not lapsed); returns the folder, a platform's dir and the attempt count."""
     from fedcredit.deploy import runner
 
+    out = tmp_path / "out"
+    manifest = init(PLATFORMS, out, borrowers=300, key_bits=1024)
+    (out / runner.PIDS).write_text(json.dumps({"tag": "t-retry", "processes": []}))
     script = tmp_path / "fake_supernode.py"
     script.write_text(_FAKE_SUPERNODE)
     count = tmp_path / "attempts"
-    argv = [sys.executable, str(script), str(count), str(refusals)]
+    argv = [sys.executable, str(script), str(count), str(refusals), error]
     monkeypatch.setattr(runner, "supernode_argv", lambda *a, **k: argv)
-    return count
+    return out, manifest.platforms[0].dir, count
 
 
 def test_a_supernode_refused_activation_is_started_again(
@@ -461,11 +471,8 @@ def test_a_supernode_refused_activation_is_started_again(
 ) -> None:
     from fedcredit.deploy.runner import PIDS, start_supernode
 
-    out = tmp_path / "out"
-    manifest = init(PLATFORMS, out, borrowers=300, key_bits=1024)
-    (out / PIDS).write_text(json.dumps({"tag": "t-retry", "processes": []}))
-    count = _fake_supernodes(tmp_path, monkeypatch, refusals=2)
-    pid = start_supernode(out, manifest.platforms[0].dir, retry_s=0.1, activation_timeout=60)
+    out, platform, count = _fake_supernode_deployment(tmp_path, monkeypatch, refusals=2)
+    pid = start_supernode(out, platform, retry_s=0.1, activation_timeout=60)
     try:
         assert count.read_text() == "3"  # refused twice, activated on the third start
         assert pid_alive(pid)
@@ -478,36 +485,22 @@ def test_a_supernode_refused_activation_is_started_again(
 def test_a_supernode_refused_until_the_deadline_is_reported_with_its_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedcredit.deploy.runner import PIDS, start_supernode
+    from fedcredit.deploy.runner import start_supernode
 
-    out = tmp_path / "out"
-    manifest = init(PLATFORMS, out, borrowers=300, key_bits=1024)
-    (out / PIDS).write_text(json.dumps({"tag": "t-retry", "processes": []}))
-    _fake_supernodes(tmp_path, monkeypatch, refusals=1000)
+    out, platform, _ = _fake_supernode_deployment(tmp_path, monkeypatch, refusals=1000)
     with pytest.raises(DeployError, match="exited with status 1") as info:
-        start_supernode(out, manifest.platforms[0].dir, retry_s=0.2, activation_timeout=2)
+        start_supernode(out, platform, retry_s=0.2, activation_timeout=2)
     assert "could not be activated" in str(info.value)
 
 
 def test_a_supernode_failing_for_another_reason_is_not_started_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedcredit.deploy import runner
-    from fedcredit.deploy.runner import PIDS, start_supernode
+    from fedcredit.deploy.runner import start_supernode
 
-    out = tmp_path / "out"
-    manifest = init(PLATFORMS, out, borrowers=300, key_bits=1024)
-    (out / PIDS).write_text(json.dumps({"tag": "t-retry", "processes": []}))
-    count = tmp_path / "attempts"
-    script = tmp_path / "broken.py"
-    script.write_text(
-        "import pathlib, sys\n"
-        f"pathlib.Path({str(count)!r}).write_text('1')\n"
-        "print('ERROR : Exit Code: 300 (bad certificate)')\n"
-        "sys.exit(1)\n"
+    out, platform, count = _fake_supernode_deployment(
+        tmp_path, monkeypatch, refusals=1000, error="ERROR : Exit Code: 300 (bad certificate)"
     )
-    argv = [sys.executable, str(script)]
-    monkeypatch.setattr(runner, "supernode_argv", lambda *a, **k: argv)
     with pytest.raises(DeployError, match="bad certificate"):
-        start_supernode(out, manifest.platforms[0].dir, retry_s=0.1, activation_timeout=30)
+        start_supernode(out, platform, retry_s=0.1, activation_timeout=30)
     assert count.read_text() == "1"
