@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 
 from protocols import messages as m
 from server import progress
-from server.transport import collect_replies
+from server.transport import by_destination, collect_replies
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,9 @@ def exchange(
     }
     start = time.perf_counter()
     replies: dict[str, Message] = {}
-    for reply in collect_replies(grid, sent.values(), timeout):
-        name = by_node.get(reply.metadata.src_node_id) or _addressee(reply, sent)
-        if name is not None:
-            replies[name] = reply
+    got = collect_replies(grid, sent.values(), timeout)
+    for node, reply in by_destination(sent.values(), got).items():
+        replies[by_node[node]] = reply
     log.debug(
         "%s: %d of %d replies in %.1f s",
         ", ".join(sorted({t for t, _ in requests.values()})),
@@ -113,23 +112,6 @@ def exchange(
         kinds = sorted({t for t, _ in requests.values()})
         raise PlatformsFailed(", ".join(kinds), failed)
     return replies
-
-
-def _addressee(reply: Message, sent: Mapping[str, Message]) -> str | None:
-    """The platform a reply answers when the SuperLink, not the platform, wrote it.
-
-    Flower's SuperLink answers for a node it has marked offline (no heartbeat within its
-    patience: a SuperNode that died) with an error reply from the SuperLink's own node id.
-    Matched on the message it replies to, that error names the dead platform with Flower's
-    reason as soon as the SuperLink knows, instead of after the whole timeout.
-    """
-    if not reply.has_error():
-        return None
-    to = reply.metadata.reply_to_message_id
-    for name, msg in sent.items():
-        if to and msg.metadata.message_id == to:
-            return name
-    return None
 
 
 def _elements(reply: Message, name: str, session_id: str, origin: str, count: int | None) -> bytes:

@@ -37,7 +37,7 @@ from protocols import training_sums as ts
 from protocols.metrics import ScoreHistogram
 from protocols.scaling import FeatureSums, Scaler, combine
 from server.training import FederationError, StrictFedAvg
-from server.transport import collect_replies
+from server.transport import by_destination, collect_replies
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class SecureRounds:
     def finish(self, pending: Pending, replies: Iterable[Message]) -> dict[str, np.ndarray]:
         """The unmasked sums; drops failed platforms and re-runs the round until none fail."""
         while True:
-            by_node = {r.metadata.src_node_id: r for r in replies}
+            by_node = by_destination(pending.messages, replies)
             failed: dict[int, str] = {}
             blobs: list[bytes] = []
             for node in self.live:

@@ -34,7 +34,7 @@ from server import convergence, progress
 from server.dp_record import aggregate_train_metrics, dp_metadata
 from server.feature_prep import prepare_features
 from server.settings import FederationSettings
-from server.transport import collect_replies
+from server.transport import by_destination, collect_replies
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def ask_all(
 ) -> dict[int, RecordDict]:
     """Send one message to every node; every node must answer without error."""
     messages = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
-    replies = {r.metadata.src_node_id: r for r in collect_replies(grid, messages, timeout)}
+    replies = by_destination(messages, collect_replies(grid, messages, timeout))
     missing = [n for n in nodes if n not in replies]
     if missing:
         raise FederationError(f"{message_type}: no reply within {timeout:.0f} s from {missing}")

@@ -61,3 +61,23 @@ def collect_replies(grid: Grid, messages: Iterable[Message], timeout: float) -> 
     """``send_and_collect`` at the pace for platform work (training rounds, query batches,
     tree levels): from 20 ms up to half a second between pulls."""
     return send_and_collect(grid, messages, timeout, interval=0.02, max_interval=0.5)
+
+
+def by_destination(messages: Iterable[Message], replies: Iterable[Message]) -> dict[int, Message]:
+    """Each reply keyed by the node its message was sent to, matched on the message it
+    answers (``reply_to_message_id``), not on its sender.
+
+    Why not the sender: Flower's SuperLink answers for a node it has marked offline (no
+    heartbeat within its patience: a SuperNode that died) with an error reply from the
+    SuperLink's own node id. Keyed by destination, that error names the dead node, with
+    Flower's reason, as soon as the SuperLink knows, instead of the caller waiting out its
+    timeout and calling it silence. ``messages`` must have been pushed (they carry their
+    ids then). A reply to none of them is left out.
+    """
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    keyed: dict[int, Message] = {}
+    for reply in replies:
+        node = destination.get(reply.metadata.reply_to_message_id)
+        if node is not None:
+            keyed[node] = reply
+    return keyed

@@ -101,3 +101,26 @@ def test_collecting_waits_for_late_replies_and_stops_at_the_timeout() -> None:
 def test_send_and_collect_refuses_a_non_positive_timeout() -> None:
     with pytest.raises(ValueError, match="timeout"):
         send_and_collect(_SuperLinkLike(offline=set()), [], 0)  # type: ignore[arg-type]
+
+
+def test_replies_are_keyed_by_destination_for_every_caller() -> None:
+    """``by_destination`` (used by ``exchange``, ``ask_all`` and secure-aggregation rounds)
+    keys the SuperLink's error reply by the dead node and leaves out a reply to a message
+    it never sent."""
+    from server.training import FederationError, ask_all
+    from server.transport import by_destination
+
+    grid = _SuperLinkLike(offline={12})
+    messages = [
+        Message(RecordDict(), dst_node_id=n, message_type="query.describe") for n in NODES.values()
+    ]
+    replies = [grid.pending.pop(i) for i in grid.push_messages(messages)]
+    elsewhere = Message(RecordDict(), dst_node_id=99, message_type="query.describe")
+    elsewhere.metadata.__dict__["_message_id"] = "not-ours"
+    stray = Message(RecordDict(), reply_to=elsewhere)
+    keyed = by_destination(messages, [*replies, stray])
+    assert sorted(keyed) == [11, 12, 13]
+    assert keyed[12].has_error() and "heartbeat" in keyed[12].error.reason
+    nodes = list(NODES.values())
+    with pytest.raises(FederationError, match=r"node 12: .*heartbeat"):
+        ask_all(_SuperLinkLike(offline={12}), nodes, "query.describe", RecordDict(), 1)  # type: ignore[arg-type]

@@ -199,8 +199,17 @@ def test_secure_fedavg_equals_flower_fedavg_within_the_quantisation_error() -> N
     sent = list(strategy.configure_train(1, initial, ConfigRecord(), None))  # type: ignore[arg-type]
     spec = ss.spec_of(sent[0].content, "train")
     assert spec is not None and spec.participants == tuple(sorted(NAMES))
+    for k, msg in enumerate(sent):  # as a grid's push does: replies are matched on these ids
+        msg.metadata.__dict__["_message_id"] = f"train-{k}"
+    to = {msg.metadata.dst_node_id: msg for msg in sent}
+
+    def answer(node: int, content: RecordDict) -> Message:
+        msg = Message(content, reply_to=to[node])
+        msg.metadata.__dict__["_src_node_id"] = node
+        return msg
+
     secure_replies = [
-        reply(
+        answer(
             node,
             ss.reply_content(
                 spec,
